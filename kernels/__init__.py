@@ -1,0 +1,10 @@
+"""srel_fast.kernels: fused kernels for SRe2L-style recovery, importable on their own.
+
+    from srel_fast.kernels import bn_stat_loss, multicrop_resize
+
+Importing this package pulls in nothing of the srel-fast pipeline: only torch
+(and triton, lazily, when a triton backend runs).
+"""
+from ._backend import BACKENDS, resolve_backend
+
+__all__ = ["BACKENDS", "resolve_backend"]
