@@ -6,5 +6,7 @@ Importing this package pulls in nothing of the srel-fast pipeline: only torch
 (and triton, lazily, when a triton backend runs).
 """
 from ._backend import BACKENDS, resolve_backend
+from .bn_stat_loss import bn_stat_loss, bn_stat_loss_reference, bn_stat_moments  # bn_stat
 
 __all__ = ["BACKENDS", "resolve_backend"]
+__all__ += ["bn_stat_loss", "bn_stat_loss_reference", "bn_stat_moments"]  # bn_stat
