@@ -1,0 +1,62 @@
+"""Random-resized-crop ("multi-crop") augmentation for recovery and training.
+
+Random parameters are drawn with a torch.Generator on the images' device, so
+that the draws depend only on the seed and the device, never on the backend:
+every backend sees the same crops, and recovery is a pure function of
+(config, seed, batch). Crops are applied by srel_fast.kernels.multicrop_resize.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from srel_fast.kernels import multicrop_resize, sample_crop_boxes
+
+
+@dataclass
+class CropParams:
+    boxes: torch.Tensor          # (N, 4) top, left, height, width
+    flip: torch.Tensor           # (N,) bool
+    shift: torch.Tensor | None   # (N, 2) int64 roll, or None
+
+
+def draw_crop_params(n: int, height: int, width: int, generator: torch.Generator, *, per_image: bool,
+                     scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter: int = 0) -> CropParams:
+    device = generator.device
+    boxes = sample_crop_boxes(n, height, width, scale=scale, ratio=ratio, per_image=per_image,
+                              generator=generator, device=device)
+    k = n if per_image else 1
+    flip = (torch.rand(k, generator=generator, device=device) < 0.5).expand(n)
+    shift = None
+    if jitter > 0:
+        # random.randint(0, jitter) of the original code: both ends included.
+        shift = torch.randint(0, jitter + 1, (k, 2), generator=generator, device=device).expand(n, 2)
+    return CropParams(boxes, flip.contiguous(), None if shift is None else shift.contiguous())
+
+
+def apply_crops(x: torch.Tensor, params: CropParams, out_size: tuple[int, int], backend: str = "auto",
+                shared: bool = False) -> torch.Tensor:
+    """Crop, resize (bilinear, align_corners=False, no antialias), flip and roll.
+
+    ``shared=True`` with the torch backend is the original code's way: one
+    crop for the whole batch, a single slice + F.interpolate (the parameters
+    of image 0 apply to all images)."""
+    if shared and backend == "torch":
+        top, left, h, w = (int(v) for v in params.boxes[0].tolist())
+        out = F.interpolate(x[:, :, top:top + h, left:left + w], size=out_size, mode="bilinear", align_corners=False)
+        if bool(params.flip[0]):
+            out = out.flip(3)
+        if params.shift is not None:
+            out = torch.roll(out, shifts=tuple(int(s) for s in params.shift[0].tolist()), dims=(2, 3))
+        return out
+    return multicrop_resize(x, params.boxes, out_size, flip=params.flip, shift=params.shift, backend=backend)
+
+
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator, out_size: tuple[int, int] | None = None,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), backend: str = "auto") -> torch.Tensor:
+    """Per-image RandomResizedCrop + horizontal flip (training augmentation)."""
+    n, _, h, w = x.shape
+    params = draw_crop_params(n, h, w, generator, per_image=True, scale=scale, ratio=ratio)
+    return apply_crops(x, params, out_size or (h, w), backend)

@@ -1,0 +1,64 @@
+"""The BatchNorm statistics term of the recovery loss, on a whole model.
+
+    L_bn = sum_l w_l * ( ||var_l - rv_l||_2 + ||mu_l - rm_l||_2 ),  w_0 = first_bn_multiplier, w_l = 1
+
+``backend="torch"`` is the original SRe2L code's way, kept as the reference:
+a forward hook per BN layer that computes the mean and a permuted,
+contiguous copy for the variance. Every other backend swaps the model's BN
+layers for the fused eval-mode BN of srel_fast.kernels, which computes the
+statistics in the same read of the input and folds both backwards into one
+elementwise pass.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .models import bn_layers
+
+
+class _ReferenceBNHook:
+    def __init__(self, module: nn.Module):
+        self.loss: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        x = inputs[0].float()
+        nch = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dims)
+        var = x.transpose(0, 1).contiguous().reshape(nch, -1).var(1, unbiased=False)
+        self.loss = torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - mean, 2)
+
+
+class ReferenceBNMatching:
+    def __init__(self, model: nn.Module, first_bn_multiplier: float):
+        self.hooks = [_ReferenceBNHook(m) for m in bn_layers(model)]
+        self.weights = [first_bn_multiplier] + [1.0] * (len(self.hooks) - 1)
+
+    def loss(self) -> torch.Tensor:
+        return sum(w * h.loss for w, h in zip(self.weights, self.hooks))
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.handle.remove()
+
+
+@contextlib.contextmanager
+def bn_matching(model: nn.Module, first_bn_multiplier: float = 10.0, backend: str = "torch") -> Iterator:
+    """Context in which ``model``'s forward records the BN statistics term;
+    ``.loss()`` of the yielded object returns it for the last forward."""
+    if backend == "torch":
+        ref = ReferenceBNMatching(model, first_bn_multiplier)
+        try:
+            yield ref
+        finally:
+            ref.close()
+    else:
+        from srel_fast.kernels import bn_stat_matching
+
+        with bn_stat_matching(model, first_bn_multiplier=first_bn_multiplier, backend=backend) as stats:
+            yield stats

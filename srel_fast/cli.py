@@ -1,0 +1,134 @@
+"""The `srel-fast` command line: it parses flags into a stage's typed config
+and calls the stage; nothing else. Flags are generated from the config
+dataclasses (``--ipc-start`` sets ``ipc_start``), so the CLI and the Python
+API cannot drift apart."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+
+from .errors import UserError
+
+HELP = {
+    # shared
+    "out": "output path", "seed": "random seed: the same seed gives the same result",
+    "device": "auto, cpu, cuda or cuda:N", "overwrite": "replace an existing output of another run",
+    "progress": "show progress bars", "arch": "model name (our names or any torchvision classification model)",
+    "backend": "kernel backend: torch (reference), auto, triton, cuda, cpu",
+    "loader": "ImageFolder loader: auto, dali or torch", "num_workers": "data loader workers",
+    "width": "ConvNet width", "epochs": "training epochs",
+    # squeeze
+    "data": "a built-in data set name (fashion-mnist, digits) or an ImageFolder directory",
+    "min_scale": "RandomResizedCrop minimum area fraction", "max_scale": "RandomResizedCrop maximum area fraction",
+    "image_size": "input resolution (ImageFolder data or --arch without a checkpoint)",
+    # recover
+    "weights": "squeeze checkpoint or torchvision state dict; 'random' for an untrained model",
+    "ipc": "images per class", "ipc_start": "first ipc index this run recovers",
+    "ipc_end": "one past the last ipc index this run recovers (default: ipc)",
+    "iterations": "optimisation steps per batch", "batch_size": "batch size (recover: classes per batch)",
+    "lr": "learning rate", "r_bn": "weight of the BN statistics term",
+    "first_bn_multiplier": "extra weight of the first BN layer", "jitter": "random roll range in pixels",
+    "crop_mode": "batch: one crop per batch (paper); image: one crop per image",
+    "image_format": "png (lossless) or jpg", "on_nonfinite": "stop, or skip a diverging batch and go on",
+    "num_classes": "class count for --arch without a checkpoint",
+    # relabel / train
+    "syn": "synthetic image directory (recover --out)", "teacher": "teacher checkpoint for soft labels",
+    "teacher_arch": "arch of a plain-state-dict teacher", "labels": "stored soft labels (relabel --out)",
+    "val": "real validation data: built-in name or ImageFolder directory", "label_mode": "soft or hard labels",
+    "temperature": "soft-label temperature T", "topk": "keep only the top-k teacher logits per crop",
+    "cutmix": "probability of CutMix per batch", "optimizer": "sgd, adamw or adam",
+    "weight_decay": "weight decay", "momentum": "SGD momentum",
+}
+
+
+def _base_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        helptext = HELP.get(f.name, f.name.replace("_", " "))
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        else:
+            parser.add_argument(flag, type=tp, required=required, default=default, dest=f.name,
+                                help=helptext + ("" if required else f" (default: {default})"))
+
+
+def config_from_args(cls, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def _stages():
+    from .demo import DemoConfig, run_demo
+    from .recover import RecoverConfig, run_recover
+    from .relabel import RelabelConfig, run_relabel
+    from .squeeze import SqueezeConfig, run_squeeze
+    from .train import TrainConfig, run_train
+
+    return {
+        "squeeze": (SqueezeConfig, run_squeeze, "train (or load) a BatchNorm classifier on the real data"),
+        "recover": (RecoverConfig, run_recover, "synthesise images by matching BN statistics"),
+        "relabel": (RelabelConfig, run_relabel, "store FKD-style soft labels for every crop"),
+        "train": (TrainConfig, run_train, "train a student on the synthetic set and test it on real data"),
+        "demo": (DemoConfig, run_demo, "the whole pipeline on Fashion-MNIST, on the CPU"),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="srel-fast", description="SRe2L dataset condensation: squeeze, recover, relabel.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, _, helptext) in _stages().items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        add_config_args(p, cls)
+    b = sub.add_parser("bench", help="benchmarks (needs a source checkout: bench/)", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _bench(args: list[str]) -> int:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, "bench")):
+        raise UserError("'srel-fast bench' runs from a source checkout (the bench/ folder was not found).")
+    sys.path.insert(0, root)
+    from bench import cli as bench_cli
+
+    return bench_cli.main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        try:
+            return _bench(argv[1:])
+        except UserError as exc:
+            print(f"srel-fast: error: {exc}", file=sys.stderr)
+            return 2
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    cls, run, _ = _stages()[ns.command]
+    try:
+        result = run(config_from_args(cls, ns))
+    except UserError as exc:
+        print(f"srel-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("srel-fast: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+    if isinstance(result, dict):
+        print(json.dumps({k: v for k, v in result.items() if k != "batches"}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

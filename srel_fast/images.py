@@ -1,0 +1,101 @@
+"""Synthetic image trees: one folder per class, one lossless PNG per image.
+
+Folder names are zero-padded class indices (``00000``, ``00001``, ...), so
+that sorting them (as torchvision's ImageFolder does) gives back the class
+index; the class names are kept in the manifest."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+from .files import atomic_write_bytes
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+def class_dir(out: str, class_index: int) -> str:
+    return os.path.join(out, f"{class_index:05d}")
+
+
+def image_path(out: str, class_index: int, ipc_index: int, fmt: str = "png") -> str:
+    return os.path.join(class_dir(out, class_index), f"ipc{ipc_index:05d}.{fmt}")
+
+
+def to_uint8(x01: torch.Tensor) -> np.ndarray:
+    """(C, H, W) float in [0,1] -> (H, W, C) uint8, rounding like torchvision.save_image."""
+    arr = x01.detach().float().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return arr
+
+
+def encode_image(x01: torch.Tensor, fmt: str = "png") -> bytes:
+    arr = to_uint8(x01)
+    img = Image.fromarray(arr[:, :, 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr, mode="RGB")
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG")
+    elif fmt in ("jpg", "jpeg"):
+        img.save(buf, format="JPEG", quality=95)
+    else:
+        raise UserError(f"unknown image format {fmt!r}; use png or jpg.")
+    return buf.getvalue()
+
+
+def save_image(path: str, x01: torch.Tensor, fmt: str = "png") -> None:
+    atomic_write_bytes(path, encode_image(x01, fmt))
+
+
+def load_tree(root: str, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Read an image tree into uint8 images (N, C, H, W) and labels; classes are
+    the sorted folder names, as in torchvision's ImageFolder."""
+    if not os.path.isdir(root):
+        raise UserError(f"image folder {root} does not exist.")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if not classes:
+        raise UserError(f"image folder {root} has no class folders.")
+    images, labels = [], []
+    for label, c in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+        if not files:
+            raise UserError(f"class folder {os.path.join(root, c)} holds no images.")
+        for f in files:
+            path = os.path.join(root, c, f)
+            try:
+                with Image.open(path) as im:
+                    mode = {1: "L", 3: "RGB"}.get(channels or (1 if im.mode in ("L", "I", "1") else 3))
+                    arr = np.asarray(im.convert(mode))
+            except Exception as exc:  # noqa: BLE001
+                raise UserError(f"image {path} cannot be read ({type(exc).__name__}).") from None
+            if arr.ndim == 2:
+                arr = arr[:, :, None]
+            images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+            labels.append(label)
+    shapes = {tuple(t.shape) for t in images}
+    if len(shapes) != 1:
+        raise UserError(f"images under {root} have different shapes {sorted(shapes)[:3]}; expected one size.")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes
+
+
+def save_grid(path: str, images01: torch.Tensor, labels: torch.Tensor, per_class: int = 10, class_names=None) -> None:
+    """A per-class grid PNG: one row per class, up to ``per_class`` images."""
+    import torchvision
+
+    rows = []
+    for c in sorted(set(labels.tolist())):
+        sel = images01[labels == c][:per_class]
+        if sel.shape[0] < per_class:
+            sel = torch.cat([sel, torch.ones(per_class - sel.shape[0], *sel.shape[1:])])
+        rows.append(sel)
+    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=per_class, padding=2, pad_value=1.0)
+    scale = max(1, 64 // images01.shape[-1])
+    arr = to_uint8(grid)
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,331 @@
+"""Stage 2, Recover: synthesise images whose BN statistics match the teacher's.
+
+    loss = CE(f(A(x)), y) + r_bn * sum_l w_l (||var_l - rv_l||_2 + ||mu_l - rm_l||_2)
+
+x lives in normalised pixel space, starts from N(0, 1), and is optimised
+with Adam(betas 0.5, 0.9) under a cosine learning rate; A is a random
+resized crop + flip + roll; after every step x is clamped to the normalised
+image of [0, 1]. A batch holds one image per class for up to ``batch_size``
+classes (classes are spread over batches round-robin), and a batch
+(ipc index, batch index) is a pure function of (config, seed): resumed or
+sharded runs give the same bytes as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .augment import apply_crops, draw_crop_params
+from .bn_matching import bn_matching
+from .data import Normalization
+from .errors import NonFiniteLoss, UserError
+from .files import append_jsonl, environment, read_json, read_jsonl, write_json
+from .images import image_path, save_image
+from .models import load_model, require_batchnorm
+
+
+@dataclass
+class RecoverConfig:
+    out: str
+    weights: str | None = None
+    arch: str | None = None
+    ipc: int = 50
+    ipc_start: int = 0
+    ipc_end: int | None = None         # default: ipc
+    iterations: int = 1000
+    batch_size: int = 100              # classes per batch (one image each)
+    lr: float | None = None            # default 0.25 at >=128 px, else 0.1
+    r_bn: float | None = None          # default 0.01 at >=128 px, else 1.0
+    first_bn_multiplier: float = 10.0
+    jitter: int | None = None          # roll range; default 32 at >=128 px, else size // 16
+    min_scale: float = 0.08
+    max_scale: float = 1.0
+    crop_mode: str = "batch"           # batch: one crop per batch (paper); image: one crop per image
+    backend: str = "torch"             # torch (reference) | auto | triton | cuda | cpu
+    seed: int = 0
+    device: str = "auto"
+    image_format: str = "png"
+    on_nonfinite: str = "stop"         # stop the run, or skip the batch and go on
+    overwrite: bool = False
+    num_classes: int | None = None     # for --arch without a checkpoint
+    image_size: int | None = None      # for --arch without a checkpoint
+    progress: bool = True
+
+    def resolved(self, image_size: int) -> "RecoverConfig":
+        big = image_size >= 128
+        return dataclasses.replace(
+            self,
+            ipc_end=self.ipc if self.ipc_end is None else self.ipc_end,
+            lr=self.lr if self.lr is not None else (0.25 if big else 0.1),
+            r_bn=self.r_bn if self.r_bn is not None else (0.01 if big else 1.0),
+            jitter=self.jitter if self.jitter is not None else (32 if big else image_size // 16),
+        )
+
+
+# Fields that may differ between runs writing into the same output tree.
+_RUN_ONLY_FIELDS = ("ipc_start", "ipc_end", "overwrite", "progress", "device", "out", "on_nonfinite")
+
+
+@dataclass
+class BatchResult:
+    ipc_index: int
+    batch_index: int
+    classes: list[int]
+    ce: float
+    bn: float
+    loss: float
+    seconds: float
+    status: str = "ok"
+    iterations_done: int = 0
+    images: torch.Tensor | None = field(default=None, repr=False)
+
+
+def validate(cfg: RecoverConfig) -> None:
+    if cfg.ipc <= 0:
+        raise UserError(f"--ipc must be a positive number of images per class, got {cfg.ipc}.")
+    if cfg.iterations <= 0:
+        raise UserError(f"--iterations must be positive, got {cfg.iterations}.")
+    if cfg.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {cfg.batch_size}.")
+    end = cfg.ipc if cfg.ipc_end is None else cfg.ipc_end
+    if not (0 <= cfg.ipc_start < end <= cfg.ipc):
+        raise UserError(f"--ipc-start/--ipc-end must satisfy 0 <= start < end <= ipc, got {cfg.ipc_start}..{end} for ipc {cfg.ipc}.")
+    if cfg.crop_mode not in ("batch", "image"):
+        raise UserError(f"--crop-mode must be 'batch' or 'image', got {cfg.crop_mode!r}.")
+    if not (0 < cfg.min_scale <= cfg.max_scale <= 1):
+        raise UserError(f"crop scale range must satisfy 0 < min <= max <= 1, got {cfg.min_scale}..{cfg.max_scale}.")
+    if cfg.on_nonfinite not in ("stop", "skip"):
+        raise UserError(f"--on-nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}.")
+
+
+def class_batches(num_classes: int, batch_size: int) -> list[list[int]]:
+    """Spread classes over ceil(K / batch_size) batches round-robin."""
+    n = math.ceil(num_classes / batch_size)
+    return [list(range(b, num_classes, n)) for b in range(n)]
+
+
+def job_seed(seed: int, ipc_index: int, batch_index: int) -> int:
+    digest = hashlib.sha256(f"srel-fast/recover/{seed}/{ipc_index}/{batch_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def cosine_lr(base_lr: float, iteration: int, iterations: int) -> float:
+    """The original code's lr_cosine_policy without warm-up."""
+    return 0.5 * (1 + math.cos(math.pi * iteration / iterations)) * base_lr
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but no CUDA device is available.")
+    return dev
+
+
+class Recoverer:
+    """Holds the frozen model and runs recovery batches."""
+
+    def __init__(self, model: torch.nn.Module, norm: Normalization, image_size: int, channels: int,
+                 cfg: RecoverConfig, device: torch.device):
+        self.model = model.to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)  # no weight gradient is ever computed
+        self.norm = norm
+        self.size = image_size
+        self.channels = channels
+        self.cfg = cfg
+        self.device = device
+        self.lo, self.hi = norm.clamp_bounds(device)
+
+    def initial_images(self, n: int, seed: int) -> torch.Tensor:
+        # Drawn on the CPU so the start point does not depend on the device.
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn((n, self.channels, self.size, self.size), generator=g).to(self.device)
+
+    def run_batch(self, classes: list[int], ipc_index: int, batch_index: int, on_iteration=None) -> BatchResult:
+        cfg = self.cfg
+        seed = job_seed(cfg.seed, ipc_index, batch_index)
+        x = self.initial_images(len(classes), seed).requires_grad_(True)
+        targets = torch.tensor(classes, device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
+        per_image = cfg.crop_mode == "image"
+        shared_ref = not per_image and cfg.backend == "torch"
+        start = time.perf_counter()
+        last_good = x.detach().clone()
+        ce_v = bn_v = loss_v = float("nan")
+        with bn_matching(self.model, cfg.first_bn_multiplier, cfg.backend) as stats:
+            for it in range(cfg.iterations):
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(cfg.lr, it, cfg.iterations)
+                params = draw_crop_params(x.shape[0], self.size, self.size, gen, per_image=per_image,
+                                          scale=(cfg.min_scale, cfg.max_scale), jitter=cfg.jitter)
+                x_aug = apply_crops(x, params, (self.size, self.size), cfg.backend, shared=shared_ref)
+                logits = self.model(x_aug)
+                ce = F.cross_entropy(logits, targets)
+                bn = stats.loss()
+                loss = ce + cfg.r_bn * bn
+                loss_v = float(loss)
+                if not math.isfinite(loss_v):
+                    result = BatchResult(ipc_index, batch_index, classes, float(ce), float(bn), loss_v,
+                                         time.perf_counter() - start, "nonfinite", it, last_good)
+                    return result
+                last_good = x.detach().clone()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    torch.maximum(torch.minimum(x, self.hi), self.lo, out=x)
+                ce_v, bn_v = float(ce), float(bn)
+                if on_iteration is not None:
+                    on_iteration(it, loss_v)
+        return BatchResult(ipc_index, batch_index, classes, ce_v, bn_v, loss_v, time.perf_counter() - start,
+                           "ok", cfg.iterations, x.detach())
+
+
+def _semantic(cfg_dict: dict) -> dict:
+    return {k: v for k, v in cfg_dict.items() if k not in _RUN_ONLY_FIELDS}
+
+
+def prepare_output(cfg: RecoverConfig, record: dict) -> None:
+    """Create or re-open the output tree; refuse one that holds another run."""
+    config_path = os.path.join(cfg.out, "recover_config.json")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UserError(f"output path {cfg.out} exists and is not a directory.")
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+        if cfg.overwrite:
+            if not os.path.exists(config_path):
+                raise UserError(f"output directory {cfg.out} holds files that are not a recovery run; "
+                                "refusing to delete them even with --overwrite.")
+            shutil.rmtree(cfg.out)
+        elif not os.path.exists(config_path):
+            raise UserError(f"output directory {cfg.out} is not empty and holds no recovery run; choose another --out.")
+        else:
+            old = read_json(config_path)
+            if _semantic(old["config"]) != _semantic(record["config"]):
+                diff = sorted(k for k in _semantic(record["config"]) if old["config"].get(k) != record["config"].get(k))
+                raise UserError(f"output directory {cfg.out} holds a recovery run with a different config "
+                                f"({', '.join(diff)}); use another --out or --overwrite.")
+            return
+    os.makedirs(cfg.out, exist_ok=True)
+    write_json(config_path, record)
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_recover(cfg: RecoverConfig) -> dict:
+    validate(cfg)
+    loaded = load_model(cfg.weights, cfg.arch, num_classes=cfg.num_classes,
+                        image_size=cfg.image_size or 224)
+    require_batchnorm(loaded.model, loaded.spec.arch)
+    spec = loaded.spec
+    cfg = cfg.resolved(spec.image_size)
+    from srel_fast.kernels import BACKENDS
+
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}.")
+    device = resolve_device(cfg.device)
+    norm = Normalization(loaded.mean, loaded.std)
+    record = {
+        "config": dataclasses.asdict(cfg),
+        "model": spec.to_dict(),
+        "classes": loaded.classes,
+        "mean": list(loaded.mean),
+        "std": list(loaded.std),
+        "environment": environment(),
+        "teacher_test_accuracy": loaded.meta.get("test_accuracy"),
+    }
+    rank, world = _rank_world()
+    if rank == 0:
+        prepare_output(cfg, record)
+    recoverer = Recoverer(loaded.model, norm, spec.image_size, spec.in_channels, cfg, device)
+    batches = class_batches(spec.num_classes, cfg.batch_size)
+    jobs = [(i, b) for i in range(cfg.ipc_start, cfg.ipc_end) for b in range(len(batches))]
+    jobs = jobs[rank::world]
+    progress_path = os.path.join(cfg.out, f"progress.rank{rank}.jsonl" if world > 1 else "progress.jsonl")
+    done = {(r["ipc_index"], r["batch_index"]) for r in read_jsonl(progress_path) if r["status"] == "ok"}
+
+    def complete(i: int, b: int) -> bool:
+        return (i, b) in done and all(
+            os.path.exists(image_path(cfg.out, c, i, cfg.image_format)) for c in batches[b])
+
+    todo = [(i, b) for (i, b) in jobs if not complete(i, b)]
+    bar = _progress_bar(cfg, len(todo) * cfg.iterations, f"recover ({len(jobs) - len(todo)} of {len(jobs)} batches done)")
+    failed = []
+    for i, b in todo:
+        def tick(it, loss, bar=bar):
+            if bar is not None and (it % 10 == 9 or it == cfg.iterations - 1):
+                bar.update(10 if it % 10 == 9 else (it % 10) + 1)
+                bar.set_postfix(ipc=i, batch=b, loss=f"{loss:.3f}")
+        result = recoverer.run_batch(batches[b], i, b, tick)
+        entry = {k: v for k, v in dataclasses.asdict(result).items() if k != "images"}
+        if result.status != "ok":
+            failed.append(entry)
+            _save_batch(cfg, norm, result, os.path.join(cfg.out, "failed", f"ipc{i:05d}_batch{b:05d}"))
+            append_jsonl(progress_path, entry)
+            msg = (f"recovery batch (ipc {i}, batch {b}) reached a non-finite loss at iteration "
+                   f"{result.iterations_done}; its last finite images are in {cfg.out}/failed/")
+            if cfg.on_nonfinite == "stop":
+                if bar is not None:
+                    bar.close()
+                raise NonFiniteLoss(msg + "; lower --lr or --r-bn.")
+            print("warning: " + msg + "; going on with the other batches.", file=sys.stderr)
+            continue
+        _save_batch(cfg, norm, result, None)
+        append_jsonl(progress_path, entry)
+    if bar is not None:
+        bar.close()
+    return write_manifest(cfg, record, failed)
+
+
+def _save_batch(cfg: RecoverConfig, norm: Normalization, result: BatchResult, folder: str | None) -> None:
+    images01 = norm.denormalize(result.images.float()).clamp(0, 1).cpu()
+    for img, c in zip(images01, result.classes):
+        if folder is None:
+            path = image_path(cfg.out, c, result.ipc_index, cfg.image_format)
+        else:
+            path = os.path.join(folder, f"{c:05d}.{cfg.image_format}")
+        save_image(path, img, cfg.image_format)
+
+
+def write_manifest(cfg: RecoverConfig, record: dict, failed: list[dict]) -> dict:
+    entries = []
+    for name in sorted(os.listdir(cfg.out)):
+        if name.startswith("progress") and name.endswith(".jsonl"):
+            entries += read_jsonl(os.path.join(cfg.out, name))
+    latest = {}
+    for e in entries:
+        latest[(e["ipc_index"], e["batch_index"])] = e
+    ok = [e for e in latest.values() if e["status"] == "ok"]
+    manifest = {
+        **record,
+        "batches": sorted(latest.values(), key=lambda e: (e["ipc_index"], e["batch_index"])),
+        "completed_batches": len(ok),
+        "failed_batches": [e for e in latest.values() if e["status"] != "ok"],
+        "seconds_total": sum(e["seconds"] for e in ok),
+        "ms_per_image_iteration": (1000 * sum(e["seconds"] for e in ok)
+                                   / max(1, sum(len(e["classes"]) * e["iterations_done"] for e in ok))),
+    }
+    if _rank_world()[0] == 0:
+        write_json(os.path.join(cfg.out, "manifest.json"), manifest)
+    return manifest
+
+
+def _progress_bar(cfg, total: int, desc: str):
+    if not cfg.progress or _rank_world()[0] != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, file=sys.stderr)

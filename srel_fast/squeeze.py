@@ -1,0 +1,155 @@
+"""Stage 1, Squeeze: train a BatchNorm classifier on the real data.
+
+Paper recipe for small resolutions (Tiny-ImageNet): SGD lr 0.2, momentum 0.9,
+weight decay 1e-4, batch 256, cosine schedule, RandomResizedCrop + flip;
+a short budget recovers better than a long one. The checkpoint carries the
+model spec, class names, normalisation and test accuracy, so recover needs
+nothing else. Every epoch is checkpointed (model, optimiser, scheduler, RNG)
+and an interrupted run resumes from the last one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .augment import random_resized_crop
+from .data import Normalization, check_data_path, dataset_normalization, is_builtin, load_builtin
+from .errors import NonFiniteLoss, UserError
+from .files import environment, write_json
+from .models import ModelSpec, build_model, require_batchnorm, save_checkpoint
+from .recover import resolve_device
+from .training import cosine_schedule, evaluate, evaluate_loader, load_resume_state, make_optimizer, save_resume_state, seed_everything
+
+
+@dataclass
+class SqueezeConfig:
+    data: str
+    out: str
+    arch: str = "convnet3"
+    epochs: int = 50
+    batch_size: int = 256
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    optimizer: str = "sgd"
+    min_scale: float = 0.08           # RandomResizedCrop scale range
+    width: int = 128                  # ConvNet width
+    image_size: int | None = None     # ImageFolder only (default 224)
+    seed: int = 0
+    device: str = "auto"
+    loader: str = "auto"              # ImageFolder: auto | dali | torch
+    num_workers: int = 2
+    overwrite: bool = False
+    progress: bool = True
+
+
+def validate(cfg: SqueezeConfig) -> None:
+    check_data_path(cfg.data)
+    if cfg.epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {cfg.epochs}.")
+    if cfg.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {cfg.batch_size}.")
+    if not cfg.out.endswith(".pt"):
+        raise UserError(f"--out must name a .pt checkpoint file, got {cfg.out}.")
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        raise UserError(f"checkpoint {cfg.out} already exists; use --overwrite to replace it.")
+
+
+def run_squeeze(cfg: SqueezeConfig) -> dict:
+    validate(cfg)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    if is_builtin(cfg.data):
+        train, test = load_builtin(cfg.data, "train", cfg.seed), load_builtin(cfg.data, "test", cfg.seed)
+        norm = dataset_normalization(train)
+        classes, channels, size = train.classes, train.channels, train.image_size
+        steps_per_epoch = len(train) // cfg.batch_size
+        train_loader = val_loader = None
+    else:
+        from .loaders import LoaderConfig, build_loader
+
+        size = cfg.image_size or 224
+        from .models import IMAGENET_MEAN_STD
+
+        norm = Normalization(*IMAGENET_MEAN_STD)
+        common = dict(image_size=size, batch_size=cfg.batch_size, mean=norm.mean, std=norm.std,
+                      loader=cfg.loader, num_workers=cfg.num_workers, seed=cfg.seed, device=str(device))
+        train_dir = os.path.join(cfg.data, "train") if os.path.isdir(os.path.join(cfg.data, "train")) else cfg.data
+        val_dir = os.path.join(cfg.data, "val") if os.path.isdir(os.path.join(cfg.data, "val")) else train_dir
+        train_loader = build_loader(LoaderConfig(root=train_dir, train=True, **common))
+        val_loader = build_loader(LoaderConfig(root=val_dir, train=False, **common))
+        classes, channels = list(train_loader.classes), 3
+        steps_per_epoch = len(train_loader)
+    spec = ModelSpec(cfg.arch, len(classes), channels, size, cfg.width)
+    model = build_model(spec).to(device)
+    require_batchnorm(model, cfg.arch)
+    if steps_per_epoch == 0:
+        raise UserError(f"the training set is smaller than one batch of {cfg.batch_size}; lower --batch-size.")
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
+    scheduler = cosine_schedule(optimizer, cfg.epochs * steps_per_epoch)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    config_dict = dataclasses.asdict(cfg)
+    resume_path = cfg.out + ".resume"
+    start_epoch = load_resume_state(resume_path, _resume_key(config_dict), model, optimizer, scheduler, gen)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc="squeeze",
+                   unit="step", dynamic_ncols=True, file=sys.stderr)
+    t0 = time.perf_counter()
+    history = []
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        total = 0.0
+        batches = _builtin_batches(train, cfg, norm, gen, device) if train_loader is None else _loader_batches(train_loader, epoch)
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"squeeze reached a non-finite loss in epoch {epoch}; lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+        history.append({"epoch": epoch, "train_loss": total / steps_per_epoch})
+        save_resume_state(resume_path, epoch + 1, model, optimizer, scheduler, gen,
+                          {"config": _resume_key(config_dict)})
+    if bar is not None:
+        bar.close()
+    acc = evaluate(model, test, norm, device) if val_loader is None else evaluate_loader(model, val_loader, device)
+    results = {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "history": history}
+    save_checkpoint(cfg.out, model, spec, norm.mean, norm.std, classes, test_accuracy=acc,
+                    dataset=cfg.data, config=config_dict)
+    write_json(cfg.out + ".json", {"config": config_dict, "model": spec.to_dict(), "results": results,
+                                   "environment": environment()})
+    if os.path.exists(resume_path):
+        os.remove(resume_path)
+    return results
+
+
+def _resume_key(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("overwrite", "progress", "device", "num_workers")}
+
+
+def _builtin_batches(train, cfg: SqueezeConfig, norm: Normalization, gen: torch.Generator, device):
+    order = torch.randperm(len(train), generator=gen, device=device).cpu()
+    for s in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+        idx = order[s:s + cfg.batch_size]
+        x = norm.normalize(train.images[idx].to(device))
+        x = random_resized_crop(x, gen, scale=(cfg.min_scale, 1.0))
+        yield x, train.labels[idx].to(device)
+
+
+def _loader_batches(loader, epoch: int):
+    loader.set_epoch(epoch)
+    yield from loader

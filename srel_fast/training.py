@@ -1,0 +1,109 @@
+"""Pieces shared by the training loops of squeeze and train: optimiser
+recipes, evaluation on real data, epoch checkpoints with RNG state."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import Normalization, TensorData
+from .errors import UserError
+from .files import torch_save_atomic
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float = 0.9):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise UserError(f"unknown optimizer {name!r}; use sgd, adamw or adam.")
+
+
+def cosine_schedule(optimizer, total_steps: int):
+    """Cosine to zero over ``total_steps`` steps, no warm-up."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, total_steps) / max(1, total_steps))))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, norm: Normalization, device: torch.device,
+             batch_size: int = 1000, image_size: int | None = None) -> float:
+    """Top-1 accuracy (percent) on an in-memory labelled set."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        x = norm.normalize(data.images[start:start + batch_size].to(device))
+        if image_size is not None and x.shape[-1] != image_size:
+            x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                                align_corners=False, antialias=True)
+        y = data.labels[start:start + batch_size].to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+    return 100.0 * correct / max(1, len(data))
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader, device: torch.device) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        correct += int((model(x).argmax(1) == y).sum())
+        total += int(y.numel())
+    return 100.0 * correct / max(1, total)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_resume_state(path: str, epoch: int, model, optimizer, scheduler, generator: torch.Generator, extra: dict) -> None:
+    torch_save_atomic({
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "rng": rng_state(),
+        **extra,
+    }, path)
+
+
+def load_resume_state(path: str, config: dict, model, optimizer, scheduler, generator: torch.Generator) -> int:
+    """Restore an interrupted run; returns the number of finished epochs.
+    A state file written under another config is refused."""
+    if not os.path.exists(path):
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("config") != config:
+        raise UserError(f"resume file {path} was written by a run with a different config; "
+                        "delete it or use --overwrite to start again.")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    set_rng_state(state["rng"])
+    return int(state["epoch"])
