@@ -7,6 +7,8 @@ Importing this package pulls in nothing of the srel-fast pipeline: only torch
 """
 from ._backend import BACKENDS, resolve_backend
 from .bn_stat_loss import bn_stat_loss, bn_stat_loss_reference, bn_stat_moments  # bn_stat
+from .fused_bn import BNStatMatching, FusedBatchNormStat, bn_stat_matching, fused_batch_norm_stat  # bn_stat
 
 __all__ = ["BACKENDS", "resolve_backend"]
-__all__ += ["bn_stat_loss", "bn_stat_loss_reference", "bn_stat_moments"]  # bn_stat
+__all__ += ["bn_stat_loss", "bn_stat_loss_reference", "bn_stat_moments",
+            "fused_batch_norm_stat", "FusedBatchNormStat", "BNStatMatching", "bn_stat_matching"]  # bn_stat

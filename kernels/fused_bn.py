@@ -1,0 +1,210 @@
+"""Fused eval-mode BatchNorm + BN statistics loss, and the drop-in context.
+
+``fused_batch_norm_stat`` returns y = eval-mode BatchNorm(x) (running stats,
+same dtype and memory format as x) and the weighted BN statistics loss of x
+(see bn_stat_loss.py), both from ONE read of x (op
+``srel_fast::fused_bn_stat``). Its backward is ONE elementwise pass:
+
+    dx = dy * gamma[c] / sqrt(rv[c] + eps) + g_mu[c] / M + 2 g_var[c] (x - mu[c]) / M
+
+(a missing dy or an unused loss contributes zero). Gradients for the BN
+affine weight/bias, if they require grad, are computed with torch ops.
+
+``bn_stat_matching(model)`` swaps every BatchNorm1d/2d/3d of a model for a
+``FusedBatchNormStat`` for the duration of a ``with`` block:
+
+    with bn_stat_matching(model, first_bn_multiplier=10.0) as stats:
+        out = model(x)
+        loss = ce(out, y) + r_bn * stats.loss()
+
+The parameters and buffers stay the same tensors under the same names (the
+model's state_dict is unchanged) and the original modules are put back on
+exit. Works under torch.compile(fullgraph=True).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._backend import check_backend
+from .bn_stat_loss import (_dims, backward_impl, bn_stat_loss_from_moments, forward_impl, moment_coeffs, new_like)
+
+__all__ = ["fused_batch_norm_stat", "fused_batch_norm_stat_reference", "FusedBatchNormStat", "BNStatMatching",
+           "bn_stat_matching"]
+
+
+def _scale_bias(running_mean, running_var, weight, bias, eps):
+    s = torch.rsqrt(running_var.detach().float() + eps)
+    if weight is not None:
+        s = s * weight.detach().float()
+    t = -running_mean.detach().float() * s
+    if bias is not None:
+        t = t + bias.detach().float()
+    return s, t
+
+
+@torch.library.custom_op("srel_fast::fused_bn_stat", mutates_args=())
+def _fused_op(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+              eps: float, groups: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    s, t = _scale_bias(running_mean, running_var, weight, bias, eps)
+    mean, var, y = forward_impl(x, running_mean, s, t, groups, backend, want_y=True)
+    return y, mean, var
+
+
+@_fused_op.register_fake
+def _(x, running_mean, running_var, weight, bias, eps, groups, backend):
+    g, _, c, _ = _dims(x, groups)
+    return new_like(x), x.new_empty((g, c), dtype=torch.float32), x.new_empty((g, c), dtype=torch.float32)
+
+
+def _fused_setup(ctx, inputs, output):
+    x, rm, rv, weight, bias, eps, groups, backend = inputs
+    _, mean, _ = output
+    ctx.save_for_backward(x, mean, rm, rv, weight, bias)
+    ctx.eps, ctx.groups, ctx.backend = eps, groups, backend
+
+
+def _fused_backward(ctx, grad_y, grad_mean, grad_var):
+    x, mean, rm, rv, weight, bias = ctx.saved_tensors
+    _, b, _, l = _dims(x, ctx.groups)
+    s, _ = _scale_bias(rm, rv, weight, bias, ctx.eps)
+    a, bb = moment_coeffs(mean, grad_mean, grad_var, b * l)
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.srel_fast.bn_stat_backward(x, grad_y, s if grad_y is not None else None, mean, a, bb,
+                                                  ctx.groups, ctx.backend)
+    gw = gb = None
+    if grad_y is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        gyf = grad_y.float()
+        if ctx.needs_input_grad[3] and weight is not None:
+            xhat = (x.float() - rm.float().view(shape)) * torch.rsqrt(rv.float() + ctx.eps).view(shape)
+            gw = (gyf * xhat).sum(dims).to(weight.dtype)
+        if ctx.needs_input_grad[4] and bias is not None:
+            gb = gyf.sum(dims).to(bias.dtype)
+    return dx, None, None, gw, gb, None, None, None
+
+
+_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+def fused_batch_norm_stat(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
+                          bias: Optional[Tensor] = None, eps: float = 1e-5, loss_weight=1.0, backend: str = "auto",
+                          groups: int = 1) -> tuple[Tensor, Tensor]:
+    """(y, loss): y = F.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
+    in x's dtype and memory format, loss = bn_stat_loss(x, running_mean, running_var, loss_weight,
+    groups=groups) as a float32 scalar, both from one read of x."""
+    check_backend(backend)
+    y, mean, var = _fused_op(x, running_mean, running_var, weight, bias, float(eps), int(groups), backend)
+    return y, bn_stat_loss_from_moments(mean, var, running_mean, running_var, loss_weight)
+
+
+def fused_batch_norm_stat_reference(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, loss_weight=1.0,
+                                    groups=1):
+    """Plain PyTorch: F.batch_norm(training=False) + bn_stat_loss_reference."""
+    from .bn_stat_loss import bn_stat_loss_reference
+
+    y = torch.nn.functional.batch_norm(x, running_mean.to(x.dtype), running_var.to(x.dtype),
+                                       None if weight is None else weight.to(x.dtype),
+                                       None if bias is None else bias.to(x.dtype), training=False, eps=eps)
+    return y, bn_stat_loss_reference(x, running_mean, running_var, loss_weight, groups)
+
+
+class FusedBatchNormStat(nn.Module):
+    """Eval-mode BatchNorm that also records its weighted BN statistics loss
+    (``self.stat_loss`` after each forward). Shares the parameters and buffers
+    of ``bn`` under the same names."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, loss_weight: float = 1.0, backend: str = "auto",
+                 groups: int = 1):
+        super().__init__()
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("bn_stat_matching: a BatchNorm layer without running statistics "
+                             "(track_running_stats=False) has nothing to match")
+        check_backend(backend)
+        self.weight = bn.weight
+        self.bias = bn.bias
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+        if getattr(bn, "num_batches_tracked", None) is not None:
+            self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
+        self.eps = float(bn.eps)
+        self.num_features = bn.num_features
+        self.loss_weight = float(loss_weight)
+        self.backend = backend
+        self.groups = int(groups)
+        self.stat_loss: Optional[Tensor] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, loss = fused_batch_norm_stat(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                        self.loss_weight, self.backend, self.groups)
+        self.stat_loss = loss
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, loss_weight={self.loss_weight}, backend={self.backend!r}"
+
+
+class BNStatMatching:
+    """Handle returned by ``bn_stat_matching``: ``loss()`` is the summed weighted
+    BN statistics loss of the last forward; ``layers`` the fused modules in
+    module order."""
+
+    def __init__(self, layers: list[FusedBatchNormStat]):
+        self.layers = layers
+
+    def losses(self) -> list[Tensor]:
+        out = [m.stat_loss for m in self.layers if m.stat_loss is not None]
+        if not out:
+            raise RuntimeError("bn_stat_matching: no BatchNorm layer has run a forward yet")
+        return out
+
+    def loss(self) -> Tensor:
+        total = None
+        for v in self.losses():
+            total = v if total is None else total + v
+        return total
+
+    def clear(self) -> None:
+        for m in self.layers:
+            m.stat_loss = None
+
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@contextlib.contextmanager
+def bn_stat_matching(model: nn.Module, first_bn_multiplier: float = 10.0, backend: str = "auto",
+                     groups: int = 1, loss_weight: float = 1.0) -> Iterator[BNStatMatching]:
+    """Swap every BatchNorm of ``model`` for a fused eval-mode BN that records
+    its statistics loss (first BN in module order weighted loss_weight *
+    first_bn_multiplier, the others loss_weight); restore them on exit."""
+    check_backend(backend)
+    swapped = []
+    layers = []
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, _BN_TYPES):
+            continue
+        parent = model
+        *path, leaf = name.split(".") if name else [""]
+        if not name:
+            raise ValueError("bn_stat_matching: the model itself is a BatchNorm; wrap it in a container")
+        for p in path:
+            parent = getattr(parent, p)
+        w = loss_weight * (first_bn_multiplier if not layers else 1.0)
+        fused = FusedBatchNormStat(mod, w, backend, groups)
+        swapped.append((parent, leaf, mod))
+        layers.append(fused)
+    if not layers:
+        raise ValueError("bn_stat_matching: the model has no BatchNorm layer")
+    try:
+        for (parent, leaf, _), fused in zip(swapped, layers):
+            setattr(parent, leaf, fused)
+        yield BNStatMatching(layers)
+    finally:
+        for parent, leaf, mod in swapped:
+            setattr(parent, leaf, mod)
