@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from srel_fast.kernels import multicrop_resize, sample_crop_boxes
+from srel_fast.kernels.crop_sampler import sample_crop_boxes
+from srel_fast.kernels.multicrop_resize import multicrop_resize
 
 
 @dataclass

@@ -26,7 +26,9 @@ class _ReferenceBNHook:
         self.handle = module.register_forward_hook(self.hook)
 
     def hook(self, module, inputs, output):
-        x = inputs[0].float()
+        x = inputs[0]
+        if x.dtype in (torch.float16, torch.bfloat16):  # statistics in fp32 under AMP
+            x = x.float()
         nch = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         mean = x.mean(dims)

@@ -175,9 +175,9 @@ class Recoverer:
                 ce = F.cross_entropy(logits, targets)
                 bn = stats.loss()
                 loss = ce + cfg.r_bn * bn
-                loss_v = float(loss)
+                loss_v = loss.item()
                 if not math.isfinite(loss_v):
-                    result = BatchResult(ipc_index, batch_index, classes, float(ce), float(bn), loss_v,
+                    result = BatchResult(ipc_index, batch_index, classes, ce.item(), bn.item(), loss_v,
                                          time.perf_counter() - start, "nonfinite", it, last_good)
                     return result
                 last_good = x.detach().clone()
@@ -186,7 +186,7 @@ class Recoverer:
                 opt.step()
                 with torch.no_grad():
                     torch.maximum(torch.minimum(x, self.hi), self.lo, out=x)
-                ce_v, bn_v = float(ce), float(bn)
+                ce_v, bn_v = ce.item(), bn.item()
                 if on_iteration is not None:
                     on_iteration(it, loss_v)
         return BatchResult(ipc_index, batch_index, classes, ce_v, bn_v, loss_v, time.perf_counter() - start,

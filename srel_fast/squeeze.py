@@ -117,10 +117,10 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss)
+            total += loss.item()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
         history.append({"epoch": epoch, "train_loss": total / steps_per_epoch})
         save_resume_state(resume_path, epoch + 1, model, optimizer, scheduler, gen,
                           {"config": _resume_key(config_dict)})

@@ -140,7 +140,7 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
             loss.backward()
             optimizer.step()
             scheduler.step()
-            epoch_loss += float(loss)
+            epoch_loss += loss.item()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{epoch_loss / steps_per_epoch:.4f}")
