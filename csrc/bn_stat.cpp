@@ -15,7 +15,7 @@
 //   dx = (x - m[g,c]) * b[g,c] + a[g,c]  (+ dy * scale[c] if dy.numel() > 0).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
