@@ -41,7 +41,16 @@ def sources(with_cuda: bool) -> list[str]:
     return srcs
 
 
+def _quiet_cpp_extension_import() -> None:
+    # Importing torch.utils.cpp_extension on a machine with nvcc but no GPU logs
+    # "No CUDA runtime is found" at warning level; here that is the normal case.
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def _cuda_buildable() -> bool:
+    _quiet_cpp_extension_import()
     from torch.utils.cpp_extension import CUDA_HOME
 
     return torch.version.cuda is not None and torch.cuda.is_available() and CUDA_HOME is not None

@@ -12,6 +12,7 @@ sharded runs give the same bytes as one uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .augment import apply_crops, draw_crop_params
+from .augment import CropParams, apply_crops, draw_crop_params
 from .bn_matching import bn_matching
 from .data import Normalization
 from .errors import NonFiniteLoss, UserError
@@ -55,6 +56,12 @@ class RecoverConfig:
     device: str = "auto"
     image_format: str = "png"
     on_nonfinite: str = "stop"         # stop the run, or skip the batch and go on
+    check_every: int = 1               # iterations between loss checks (each check syncs the device)
+    # The fast path; each switch can be turned off on its own to measure what it brings.
+    amp: str = "none"                  # none | bf16 | fp16 autocast of the model (statistics stay fp32)
+    channels_last: bool = False
+    compile: bool = False              # torch.compile of the loss (model, BN term, augmentation)
+    cuda_graphs: bool = False          # with compile: mode="reduce-overhead" (CUDA graphs)
     overwrite: bool = False
     num_classes: int | None = None     # for --arch without a checkpoint
     image_size: int | None = None      # for --arch without a checkpoint
@@ -105,6 +112,10 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"crop scale range must satisfy 0 < min <= max <= 1, got {cfg.min_scale}..{cfg.max_scale}.")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"--on-nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}.")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise UserError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}.")
+    if cfg.check_every <= 0:
+        raise UserError(f"--check-every must be positive, got {cfg.check_every}.")
 
 
 def class_batches(num_classes: int, batch_size: int) -> list[list[int]]:
@@ -133,19 +144,54 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Recoverer:
-    """Holds the frozen model and runs recovery batches."""
+    """Holds the frozen model and runs recovery batches.
+
+    Use as a context manager: on entry the BN statistics term is attached to
+    the model (hooks, or fused BN modules) and the loss is compiled once for
+    all batches; on exit the model is restored."""
 
     def __init__(self, model: torch.nn.Module, norm: Normalization, image_size: int, channels: int,
                  cfg: RecoverConfig, device: torch.device):
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)  # no weight gradient is ever computed
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.norm = norm
         self.size = image_size
         self.channels = channels
         self.cfg = cfg
         self.device = device
         self.lo, self.hi = norm.clamp_bounds(device)
+        self.per_image = cfg.crop_mode == "image"
+        # One batch-wide crop through a single slice + interpolate: the original code's
+        # way. It reads the box on the host, so the compiled path uses the kernel instead.
+        self.shared_ref = not self.per_image and cfg.backend == "torch" and not cfg.compile
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "Recoverer":
+        self.stats = self._stack.enter_context(bn_matching(self.model, self.cfg.first_bn_multiplier, self.cfg.backend))
+        self.loss_fn = self._loss
+        if self.cfg.compile:
+            mode = "reduce-overhead" if self.cfg.cuda_graphs else "default"
+            self.loss_fn = torch.compile(self._loss, mode=mode, dynamic=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _loss(self, x, targets, boxes, flip, shift):
+        cfg = self.cfg
+        params = CropParams(boxes, flip, shift)
+        x_aug = apply_crops(x, params, (self.size, self.size), cfg.backend, shared=self.shared_ref)
+        if cfg.channels_last:
+            x_aug = x_aug.contiguous(memory_format=torch.channels_last)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = self.model(x_aug)
+        ce = F.cross_entropy(logits.float(), targets)
+        bn = self.stats.loss()
+        return ce + cfg.r_bn * bn, ce, bn
 
     def initial_images(self, n: int, seed: int) -> torch.Tensor:
         # Drawn on the CPU so the start point does not depend on the device.
@@ -159,38 +205,35 @@ class Recoverer:
         targets = torch.tensor(classes, device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
-        per_image = cfg.crop_mode == "image"
-        shared_ref = not per_image and cfg.backend == "torch"
         start = time.perf_counter()
-        last_good = x.detach().clone()
-        ce_v = bn_v = loss_v = float("nan")
-        with bn_matching(self.model, cfg.first_bn_multiplier, cfg.backend) as stats:
-            for it in range(cfg.iterations):
-                for group in opt.param_groups:
-                    group["lr"] = cosine_lr(cfg.lr, it, cfg.iterations)
-                params = draw_crop_params(x.shape[0], self.size, self.size, gen, per_image=per_image,
-                                          scale=(cfg.min_scale, cfg.max_scale), jitter=cfg.jitter)
-                x_aug = apply_crops(x, params, (self.size, self.size), cfg.backend, shared=shared_ref)
-                logits = self.model(x_aug)
-                ce = F.cross_entropy(logits, targets)
-                bn = stats.loss()
-                loss = ce + cfg.r_bn * bn
+        last_good, checked_at = x.detach().clone(), 0
+        loss = ce = bn = None
+        for it in range(cfg.iterations):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(cfg.lr, it, cfg.iterations)
+            p = draw_crop_params(x.shape[0], self.size, self.size, gen, per_image=self.per_image,
+                                 scale=(cfg.min_scale, cfg.max_scale), jitter=cfg.jitter)
+            loss, ce, bn = self.loss_fn(x, targets, p.boxes, p.flip, p.shift)
+            if it % cfg.check_every == 0 or it == cfg.iterations - 1:
+                # A check syncs the device; between checks a divergence is caught late
+                # and the images of the last good check are kept.
                 loss_v = loss.item()
                 if not math.isfinite(loss_v):
-                    result = BatchResult(ipc_index, batch_index, classes, ce.item(), bn.item(), loss_v,
-                                         time.perf_counter() - start, "nonfinite", it, last_good)
-                    return result
-                last_good = x.detach().clone()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    torch.maximum(torch.minimum(x, self.hi), self.lo, out=x)
-                ce_v, bn_v = ce.item(), bn.item()
+                    return BatchResult(ipc_index, batch_index, classes, ce.item(), bn.item(), loss_v,
+                                       time.perf_counter() - start, "nonfinite", checked_at, last_good)
+                last_good, checked_at = x.detach().clone(), it
                 if on_iteration is not None:
                     on_iteration(it, loss_v)
-        return BatchResult(ipc_index, batch_index, classes, ce_v, bn_v, loss_v, time.perf_counter() - start,
-                           "ok", cfg.iterations, x.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                torch.maximum(torch.minimum(x, self.hi), self.lo, out=x)
+        if not torch.isfinite(x).all():
+            return BatchResult(ipc_index, batch_index, classes, ce.item(), bn.item(), float("nan"),
+                               time.perf_counter() - start, "nonfinite", checked_at, last_good)
+        return BatchResult(ipc_index, batch_index, classes, ce.item(), bn.item(), loss.item(),
+                           time.perf_counter() - start, "ok", cfg.iterations, x.detach())
 
 
 def _semantic(cfg_dict: dict) -> dict:
@@ -251,6 +294,12 @@ def run_recover(cfg: RecoverConfig) -> dict:
     if rank == 0:
         prepare_output(cfg, record)
     recoverer = Recoverer(loaded.model, norm, spec.image_size, spec.in_channels, cfg, device)
+    with recoverer:
+        return _run_jobs(cfg, record, recoverer, norm, spec, rank, world)
+
+
+def _run_jobs(cfg: RecoverConfig, record: dict, recoverer: Recoverer, norm: Normalization, spec, rank: int,
+              world: int) -> dict:
     batches = class_batches(spec.num_classes, cfg.batch_size)
     jobs = [(i, b) for i in range(cfg.ipc_start, cfg.ipc_end) for b in range(len(batches))]
     jobs = jobs[rank::world]
@@ -265,9 +314,10 @@ def run_recover(cfg: RecoverConfig) -> dict:
     bar = _progress_bar(cfg, len(todo) * cfg.iterations, f"recover ({len(jobs) - len(todo)} of {len(jobs)} batches done)")
     failed = []
     for i, b in todo:
-        def tick(it, loss, bar=bar):
-            if bar is not None and (it % 10 == 9 or it == cfg.iterations - 1):
-                bar.update(10 if it % 10 == 9 else (it % 10) + 1)
+        def tick(it, loss, bar=bar, state={"shown": 0}):
+            if bar is not None:
+                bar.update(it + 1 - state["shown"])
+                state["shown"] = it + 1
                 bar.set_postfix(ipc=i, batch=b, loss=f"{loss:.3f}")
         result = recoverer.run_batch(batches[b], i, b, tick)
         entry = {k: v for k, v in dataclasses.asdict(result).items() if k != "images"}
@@ -275,7 +325,7 @@ def run_recover(cfg: RecoverConfig) -> dict:
             failed.append(entry)
             _save_batch(cfg, norm, result, os.path.join(cfg.out, "failed", f"ipc{i:05d}_batch{b:05d}"))
             append_jsonl(progress_path, entry)
-            msg = (f"recovery batch (ipc {i}, batch {b}) reached a non-finite loss at iteration "
+            msg = (f"recovery batch (ipc {i}, batch {b}) became non-finite after iteration "
                    f"{result.iterations_done}; its last finite images are in {cfg.out}/failed/")
             if cfg.on_nonfinite == "stop":
                 if bar is not None:
