@@ -28,6 +28,17 @@ import triton.language as tl
 
 from ._backend import triton_interpret
 
+# tl.reduce with triton's own sum combiner is what tl.sum does; calling it this
+# way also works when TRITON_INTERPRET=1 was set after triton itself had been
+# imported (tl.sum, tl.minimum, tl.zeros are then compiled-mode @jit functions the interpreter cannot
+# call, while the interpreter recognises _sum_combine and uses numpy).
+_sum_combine = tl.standard._sum_combine
+
+
+@triton.jit
+def _tsum(v):
+    return tl.reduce(v, 0, _sum_combine)
+
 
 @triton.jit
 def _stat_rows_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, cnt_ptr, mean_ptr, m2_ptr,
@@ -40,10 +51,10 @@ def _stat_rows_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, cnt_ptr, mean_ptr, m2_p
     cmask = cols < C
     base = g.to(tl.int64) * R * C
     r_start = pid_s * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, R)
-    n = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    r_end = tl.where(r_start + rows_per_split < R, r_start + rows_per_split, R)
+    n = tl.full([BLOCK_C], 0.0, tl.float32)
+    mean = tl.full([BLOCK_C], 0.0, tl.float32)
+    m2 = tl.full([BLOCK_C], 0.0, tl.float32)
     if WRITE_Y:
         sc = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
         bi = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
@@ -53,10 +64,10 @@ def _stat_rows_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, cnt_ptr, mean_ptr, m2_p
         mask = rmask[:, None] & cmask[None, :]
         offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        nb = tl.sum(rmask.to(tl.float32), axis=0)
-        bmean = tl.sum(v, axis=0) / nb
+        nb = _tsum(rmask.to(tl.float32))
+        bmean = _tsum(v) / nb
         d = tl.where(mask, v - bmean[None, :], 0.0)
-        bm2 = tl.sum(d * d, axis=0)
+        bm2 = _tsum(d * d)
         ntot = n + nb
         delta = bmean - mean
         mean = mean + delta * (nb / ntot)
@@ -81,7 +92,7 @@ def _stat_planes_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, cnt_ptr, mean_ptr, m2
     BL = B * L
     base = g.to(tl.int64) * B * C * L + c.to(tl.int64) * L
     j_start = pid_s * per_split
-    j_end = tl.minimum(j_start + per_split, BL)
+    j_end = tl.where(j_start + per_split < BL, j_start + per_split, BL)
     n = 0.0
     mean = 0.0
     m2 = 0.0
@@ -94,10 +105,10 @@ def _stat_planes_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, cnt_ptr, mean_ptr, m2
         bidx = j // L
         offs = base + bidx.to(tl.int64) * C * L + (j - bidx * L)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        nb = tl.sum(mask.to(tl.float32), axis=0)
-        bmean = tl.sum(v, axis=0) / nb
+        nb = _tsum(mask.to(tl.float32))
+        bmean = _tsum(v) / nb
         d = tl.where(mask, v - bmean, 0.0)
-        bm2 = tl.sum(d * d, axis=0)
+        bm2 = _tsum(d * d)
         ntot = n + nb
         delta = bmean - mean
         mean = mean + delta * (nb / ntot)
