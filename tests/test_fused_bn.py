@@ -1,0 +1,199 @@
+"""srel_fast.kernels.fused_bn: fused eval BN + stat loss, and bn_stat_matching."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from srel_fast.kernels import bn_stat_loss_reference, bn_stat_matching, fused_batch_norm_stat
+from srel_fast.kernels.fused_bn import fused_batch_norm_stat_reference
+
+from test_bn_stat_loss import TOL, backend, cpu_ext, make_input, triton_interpret  # noqa: F401 - fixtures
+
+BACKENDS = ["torch", "cpu", "triton"]
+CASES = [
+    ((2, 3, 5, 5), "contiguous"),
+    ((2, 3, 5, 5), "channels_last"),
+    ((1, 7, 4, 6), "channels_last"),
+    ((5, 6, 1, 1), "contiguous"),
+    ((6, 10), "contiguous"),
+    ((3, 9, 8), "transposed"),
+    ((3, 9, 8), "contiguous"),
+]
+
+
+def bn_params(c, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(c, generator=g), torch.randn(c, generator=g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,layout", CASES, ids=str)
+@pytest.mark.parametrize("uses", ["both", "y_only", "loss_only"])
+def test_fused_matches_reference(backend, dtype, shape, layout, uses):
+    x, rm, rv = make_input(shape, layout, dtype, seed=7)
+    w, b = bn_params(shape[1])
+    eps = 1e-3
+    x.requires_grad_(True)
+    y, loss = fused_batch_norm_stat(x, rm, rv, w, b, eps, loss_weight=2.5, backend=backend)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.stride() == x.stride()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    obj = {"both": (y.float() * gy).sum() + loss, "y_only": (y.float() * gy).sum(), "loss_only": loss}[uses]
+    obj.backward()
+
+    xd = x.detach().double().requires_grad_(True)
+    yr, lr = fused_batch_norm_stat_reference(xd, rm.double(), rv.double(), w.double(), b.double(), eps, 2.5)
+    objr = {"both": (yr * gy.double()).sum() + lr, "y_only": (yr * gy.double()).sum(), "loss_only": lr}[uses]
+    objr.backward()
+
+    lt, gt = TOL[dtype]
+    ytol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(y.double(), yr.detach(), rtol=ytol, atol=ytol * yr.abs().max().item())
+    torch.testing.assert_close(loss.double(), lr.detach(), rtol=lt, atol=1e-6)
+    assert x.grad.dtype == dtype and x.grad.stride() == x.stride()
+    gmax = xd.grad.abs().max().item()
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=0, atol=gt * gmax)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_fused_dy_in_other_layout_and_affine_grads(backend):
+    x, rm, rv = make_input((3, 5, 4, 4), "channels_last", torch.float32)
+    w, b = bn_params(5)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    y, loss = fused_batch_norm_stat(x, rm, rv, w, b, 1e-5, 0.3, backend=backend)
+    gy = torch.randn(3, 5, 4, 4)  # contiguous while y is channels_last
+    ((y * gy).sum() + loss).backward()
+    xr, wr, br = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    yr, lr = fused_batch_norm_stat_reference(xr, rm, rv, wr, br, 1e-5, 0.3)
+    ((yr * gy).sum() + lr).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, br.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_without_affine_and_groups():
+    x, rm, rv = make_input((6, 4, 3, 3), "contiguous", torch.float32)
+    y, loss = fused_batch_norm_stat(x, rm, rv, None, None, 1e-5, 1.0, backend="torch", groups=3)
+    yr = nn.functional.batch_norm(x, rm, rv, training=False)
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(loss, bn_stat_loss_reference(x, rm, rv, groups=3))
+
+
+def small_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(6, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5)), nn.Flatten(),
+        nn.Linear(5 * 6 * 6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 4))
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.normal_()
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.normal_()
+            mod.bias.data.normal_()
+    return m.eval().requires_grad_(False)
+
+
+def reference_objective(model, x, first_bn_multiplier=10.0):
+    """The original SRe2L way: forward hooks computing the loss per BN."""
+    losses = []
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    hooks = []
+    for i, bn in enumerate(bns):
+        def hook(mod, inp, out, i=i):
+            losses.append(bn_stat_loss_reference(inp[0], mod.running_mean, mod.running_var,
+                                                 first_bn_multiplier if i == 0 else 1.0))
+        hooks.append(bn.register_forward_hook(hook))
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out.square().mean() + 0.1 * sum(losses)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_bn_stat_matching_eager(backend):
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bn_types = [type(m) for m in model.modules()]
+    x = torch.randn(4, 3, 6, 6).to(memory_format=torch.channels_last)
+    xr = x.clone().requires_grad_(True)
+    ref = reference_objective(model, xr)
+    ref.backward()
+    with bn_stat_matching(model, first_bn_multiplier=10.0, backend=backend) as stats:
+        assert len(stats.layers) == 3 and stats.layers[0].loss_weight == 10.0
+        assert list(model.state_dict()) == list(before)
+        xe = x.clone().requires_grad_(True)
+        obj = model(xe).square().mean() + 0.1 * stats.loss()
+        obj.backward()
+    torch.testing.assert_close(obj, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xe.grad, xr.grad, rtol=1e-4, atol=1e-7)
+    assert [type(m) for m in model.modules()] == bn_types
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
+def test_bn_stat_matching_compile_fullgraph(backend):
+    model = small_model()
+    x = torch.randn(4, 3, 6, 6)
+    with bn_stat_matching(model, first_bn_multiplier=10.0, backend=backend) as stats:
+        def objective(x):
+            return model(x).square().mean() + 0.1 * stats.loss()
+
+        xe = x.clone().requires_grad_(True)
+        le = objective(xe)
+        le.backward()
+        torch._dynamo.reset()
+        compiled = torch.compile(objective, fullgraph=True)
+        xc = x.clone().requires_grad_(True)
+        lc = compiled(xc)
+        lc.backward()
+    torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_bn_stat_matching_errors():
+    with pytest.raises(ValueError):
+        with bn_stat_matching(nn.Sequential(nn.Linear(3, 3))):
+            pass
+    with pytest.raises(ValueError):
+        with bn_stat_matching(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))):
+            pass
+    model = small_model()
+    with bn_stat_matching(model, backend="torch") as stats:
+        with pytest.raises(RuntimeError):
+            stats.loss()
+    # restored even when the body raises
+    with pytest.raises(KeyError):
+        with bn_stat_matching(model, backend="torch"):
+            raise KeyError
+    assert isinstance(model[1], nn.BatchNorm2d)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_gpu(dtype, layout):
+    from test_bn_stat_loss import _gpu_backends
+
+    x, rm, rv = make_input((32, 96, 28, 28), layout, dtype, seed=4)
+    x, rm, rv = x.cuda(), rm.cuda(), rv.cuda()
+    w, b = (t.cuda() for t in bn_params(96))
+    gy = torch.randn(x.shape, device="cuda").to(dtype)
+    xd = x.detach().double().requires_grad_(True)
+    yr, lr = fused_batch_norm_stat_reference(xd, rm.double(), rv.double(), w.double(), b.double(), 1e-5, 0.5)
+    ((yr * gy.double()).sum() + lr).backward()
+    for be in _gpu_backends():
+        xx = x.detach().clone().requires_grad_(True)
+        y, loss = fused_batch_norm_stat(xx, rm, rv, w, b, 1e-5, 0.5, backend=be)
+        ((y.float() * gy.float()).sum() + loss).backward()
+        lt, gt = TOL[dtype]
+        torch.testing.assert_close(loss.double(), lr.detach(), rtol=lt, atol=1e-6)
+        torch.testing.assert_close(xx.grad.double(), xd.grad, rtol=0, atol=gt * xd.grad.abs().max().item())
