@@ -14,6 +14,7 @@
 //   dx = (x - m[g,c]) * b[g,c] + a[g,c]  (+ dy * scale[c]).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -162,6 +163,24 @@ __global__ void bwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __res
   }
 }
 
+// Same with 32-bit indices and multiply-shift division (at::cuda::detail::IntDivider)
+// for tensors under 2^31 elements: integer division would otherwise dominate.
+template <typename scalar_t>
+__global__ void bwd_kernel32(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
+                             const float* __restrict__ scale, const float* __restrict__ m, const float* __restrict__ a,
+                             const float* __restrict__ b, scalar_t* __restrict__ dx, uint32_t total, uint32_t C,
+                             at::cuda::detail::IntDivider<uint32_t> divL, at::cuda::detail::IntDivider<uint32_t> divC,
+                             at::cuda::detail::IntDivider<uint32_t> divG, bool has_dy) {
+  const uint32_t stride = gridDim.x * blockDim.x;
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const uint32_t c = divC.divmod(divL.div(i)).mod;
+    const uint32_t idx = divG.div(i) * C + c;
+    float r = (static_cast<float>(x[i]) - m[idx]) * b[idx] + a[idx];
+    if (has_dy) r += static_cast<float>(dy[i]) * scale[c];
+    dx[i] = static_cast<scalar_t>(r);
+  }
+}
+
 int target_blocks(const at::Tensor& x) {
   const auto* prop = at::cuda::getDeviceProperties(x.get_device());
   return 4 * prop->multiProcessorCount;
@@ -246,11 +265,22 @@ void bn_stat_bwd_cuda(const at::Tensor& x, const at::Tensor& dy, const at::Tenso
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>(cdiv(total, threads), 32LL * target_blocks(x));
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool small = total < (int64_t{1} << 31);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_bwd_cuda", [&] {
-    bwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), has_dy ? dy.const_data_ptr<scalar_t>() : nullptr,
-        has_dy ? scale.const_data_ptr<float>() : nullptr, m.const_data_ptr<float>(), a.const_data_ptr<float>(),
-        b.const_data_ptr<float>(), dx.data_ptr<scalar_t>(), total, C, L, total / G, has_dy);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* dyp = has_dy ? dy.const_data_ptr<scalar_t>() : nullptr;
+    const float* sp = has_dy ? scale.const_data_ptr<float>() : nullptr;
+    if (small) {
+      using Div = at::cuda::detail::IntDivider<uint32_t>;
+      bwd_kernel32<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+          xp, dyp, sp, m.const_data_ptr<float>(), a.const_data_ptr<float>(), b.const_data_ptr<float>(),
+          dx.data_ptr<scalar_t>(), static_cast<uint32_t>(total), static_cast<uint32_t>(C),
+          Div(static_cast<uint32_t>(L)), Div(static_cast<uint32_t>(C)), Div(static_cast<uint32_t>(total / G)), has_dy);
+    } else {
+      bwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+          xp, dyp, sp, m.const_data_ptr<float>(), a.const_data_ptr<float>(), b.const_data_ptr<float>(),
+          dx.data_ptr<scalar_t>(), total, C, L, total / G, has_dy);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
