@@ -126,9 +126,12 @@ def _stat_planes_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, cnt_ptr, mean_ptr, m2
 @triton.jit
 def _bwd_kernel(x_ptr, dy_ptr, scale_ptr, m_ptr, a_ptr, b_ptr, dx_ptr,
                 total, C, L, per_group,
-                HAS_DY: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_DY: tl.constexpr, BLOCK: tl.constexpr, I64: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if I64:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:  # 32-bit index math (the divisions) when it fits
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     c = (offs // L) % C
     idx = (offs // per_group) * C + c
@@ -198,4 +201,4 @@ def backward(kind, xc, dyc, scale, m, a, b, dxc):
     BLOCK = 1024
     _bwd_kernel[(triton.cdiv(total, BLOCK),)](
         xc, dyc if has_dy else xc, scale if has_dy else dummy, m, a, b, dxc,
-        total, C, L, total // G, HAS_DY=has_dy, BLOCK=BLOCK, num_warps=4)
+        total, C, L, total // G, HAS_DY=has_dy, BLOCK=BLOCK, I64=total + BLOCK >= 2**31, num_warps=4)
