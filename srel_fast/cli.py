@@ -122,11 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"srel-fast: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A full disk or a read-only output: written files are atomic, so nothing is half-written.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"srel-fast: error: cannot write or read a file{where}: {exc.strerror or exc}; "
+              "finished work is kept, so run the same command again once this is fixed.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("srel-fast: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
     if isinstance(result, dict):
         print(json.dumps({k: v for k, v in result.items() if k != "batches"}, indent=2, default=str))
+        failed = result.get("failed_batches")
+        if failed:
+            names = ", ".join(f"(ipc {e['ipc_index']}, batch {e['batch_index']})" for e in failed)
+            print(f"srel-fast: {len(failed)} recovery batches failed with a non-finite loss: {names}.", file=sys.stderr)
+            return 1
     return 0
 
 

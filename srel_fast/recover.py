@@ -291,8 +291,11 @@ def run_recover(cfg: RecoverConfig) -> dict:
         "teacher_test_accuracy": loaded.meta.get("test_accuracy"),
     }
     rank, world = _rank_world()
-    if rank == 0:
-        prepare_output(cfg, record)
+    if world > 1 and cfg.overwrite:
+        raise UserError("--overwrite cannot be combined with several processes; clear the output directory first.")
+    # Every rank checks (or writes) the config before writing anything, so whichever
+    # rank comes first creates the tree and the others find an identical config.
+    prepare_output(cfg, record)
     recoverer = Recoverer(loaded.model, norm, spec.image_size, spec.in_channels, cfg, device)
     with recoverer:
         return _run_jobs(cfg, record, recoverer, norm, spec, rank, world)
@@ -368,8 +371,8 @@ def write_manifest(cfg: RecoverConfig, record: dict, failed: list[dict]) -> dict
         "ms_per_image_iteration": (1000 * sum(e["seconds"] for e in ok)
                                    / max(1, sum(len(e["classes"]) * e["iterations_done"] for e in ok))),
     }
-    if _rank_world()[0] == 0:
-        write_json(os.path.join(cfg.out, "manifest.json"), manifest)
+    # Each rank rewrites the manifest when it finishes; the last one sees every batch.
+    write_json(os.path.join(cfg.out, "manifest.json"), manifest)
     return manifest
 
 

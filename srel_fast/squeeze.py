@@ -96,6 +96,8 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     config_dict = dataclasses.asdict(cfg)
     resume_path = cfg.out + ".resume"
+    if cfg.overwrite and os.path.exists(resume_path):
+        os.remove(resume_path)
     start_epoch = load_resume_state(resume_path, _resume_key(config_dict), model, optimizer, scheduler, gen)
     bar = None
     if cfg.progress:

@@ -197,11 +197,13 @@ def run_train(cfg: TrainConfig) -> dict:
         teacher_model = None
     else:
         teacher_model = teacher.model if teacher is not None else None
-    os.makedirs(cfg.out, exist_ok=True)
     final = os.path.join(cfg.out, "student.pt")
     if os.path.exists(final) and not cfg.overwrite:
         raise UserError(f"{final} already exists; use --overwrite to train again.")
     evaluate_fn = make_evaluator(cfg.val, norm, spec.image_size, device, cfg.loader, cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.overwrite and os.path.exists(os.path.join(cfg.out, "train.resume")):
+        os.remove(os.path.join(cfg.out, "train.resume"))
     res = train_student(images, labels, spec.num_classes, spec, cfg, evaluate_fn, teacher_model, store,
                         resume_path=os.path.join(cfg.out, "train.resume"))
     model = res.pop("model")

@@ -1,0 +1,165 @@
+"""Interrupted runs resume exactly; failures keep finished work; nothing is half-written."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import run_cli
+from srel_fast.models import load_model
+from test_recover import _recover, _tree_bytes
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "srel_fast.cli", *[str(a) for a in args]]
+
+
+def _kill_when(cmd, ready, timeout=240, env=None):
+    """Start ``cmd``, SIGKILL it as soon as ``ready()`` holds, return True if it was killed mid-run."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.05)
+    proc.wait()
+    return False
+
+
+def _lines(path):
+    return sum(1 for _ in open(path)) if os.path.exists(path) else 0
+
+
+def test_recover_sigkill_then_rerun_is_byte_identical(digits_teacher, tmp_path):
+    teacher = digits_teacher[0]
+    args = ["recover", "--weights", teacher, "--ipc", 3, "--iterations", 40, "--batch-size", 4,
+            "--device", "cpu", "--no-progress"]
+    killed = _kill_when(_cli(*args, "--out", tmp_path / "killed"),
+                        lambda: _lines(tmp_path / "killed" / "progress.jsonl") >= 2)
+    assert killed, "the run finished before it could be killed"
+    n_before = len(_tree_bytes(tmp_path / "killed"))
+    assert 0 < n_before < 30
+    assert subprocess.run(_cli(*args, "--out", tmp_path / "killed"), capture_output=True).returncode == 0
+    assert subprocess.run(_cli(*args, "--out", tmp_path / "whole"), capture_output=True).returncode == 0
+    whole = _tree_bytes(tmp_path / "whole")
+    assert len(whole) == 30 and _tree_bytes(tmp_path / "killed") == whole
+    assert not [f for _, _, fs in os.walk(tmp_path / "killed") for f in fs if f.endswith(".tmp")]
+
+
+def test_recover_two_processes_equal_one(digits_teacher, tmp_path):
+    teacher = digits_teacher[0]
+    args = ["recover", "--weights", teacher, "--ipc", 2, "--iterations", 5, "--batch-size", 4,
+            "--device", "cpu", "--no-progress", "--out", tmp_path / "sharded"]
+    procs = [subprocess.Popen(_cli(*args), env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in range(2)]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read().decode()
+    _recover(teacher, tmp_path / "single", ipc=2, iterations=5, batch_size=4)
+    assert _tree_bytes(tmp_path / "sharded") == _tree_bytes(tmp_path / "single")
+
+
+def test_train_sigkill_then_rerun_gives_same_weights(digits_teacher, tmp_path):
+    teacher = digits_teacher[0]
+    _recover(teacher, tmp_path / "syn", ipc=2, iterations=3, batch_size=10)
+    args = ["train", "--syn", tmp_path / "syn", "--teacher", teacher, "--arch", "convnet3", "--width", 8,
+            "--val", "digits", "--epochs", 40, "--batch-size", 8, "--device", "cpu", "--no-progress"]
+    resume = tmp_path / "killed" / "train.resume"
+    killed = _kill_when(_cli(*args, "--out", tmp_path / "killed"), lambda: os.path.exists(resume))
+    assert killed and not os.path.exists(tmp_path / "killed" / "student.pt")
+    epoch_at_kill = torch.load(resume, weights_only=False)["epoch"]
+    assert 0 < epoch_at_kill < 40
+    assert subprocess.run(_cli(*args, "--out", tmp_path / "killed"), capture_output=True).returncode == 0
+    assert subprocess.run(_cli(*args, "--out", tmp_path / "whole"), capture_output=True).returncode == 0
+    a = load_model(str(tmp_path / "killed" / "student.pt")).model.state_dict()
+    b = load_model(str(tmp_path / "whole" / "student.pt")).model.state_dict()
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_squeeze_resumes_from_epoch_checkpoint(tmp_path, monkeypatch):
+    from srel_fast import squeeze as sq
+
+    cfg = dict(data="digits", arch="convnet3", width=8, epochs=3, batch_size=64, lr=0.05, device="cpu", progress=False)
+    sq.run_squeeze(sq.SqueezeConfig(out=str(tmp_path / "whole.pt"), **cfg))
+    # Interrupt after the second epoch's checkpoint: the epoch-end save raises on the 2nd call.
+    real_save, calls = sq.save_resume_state, []
+
+    def crash_after_two(*a, **k):
+        real_save(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sq, "save_resume_state", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sq.run_squeeze(sq.SqueezeConfig(out=str(tmp_path / "part.pt"), **cfg))
+    monkeypatch.setattr(sq, "save_resume_state", real_save)
+    assert not os.path.exists(tmp_path / "part.pt") and os.path.exists(tmp_path / "part.pt.resume")
+    sq.run_squeeze(sq.SqueezeConfig(out=str(tmp_path / "part.pt"), **cfg))
+    a, b = load_model(str(tmp_path / "whole.pt")), load_model(str(tmp_path / "part.pt"))
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert not os.path.exists(tmp_path / "part.pt.resume")
+    # Another config is not mixed into an interrupted run.
+    torch.save({"config": {"other": 1}}, tmp_path / "x.pt.resume")
+    with pytest.raises(Exception, match="different config"):
+        sq.run_squeeze(sq.SqueezeConfig(out=str(tmp_path / "x.pt"), **cfg))
+
+
+def test_full_disk_leaves_no_truncated_image_and_rerun_completes(digits_teacher, tmp_path, monkeypatch, capsys):
+    from srel_fast import files
+
+    teacher = digits_teacher[0]
+    real_replace, count = os.replace, []
+
+    def replace_fails_on_fifth(src, dst):
+        count.append(dst)
+        if str(dst).endswith(".png") and len([d for d in count if str(d).endswith(".png")]) == 5:
+            with open(src, "r+b") as f:  # the disk filled up half-way through this image
+                f.truncate(10)
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace_fails_on_fifth)
+    args = ["recover", "--weights", teacher, "--ipc", 1, "--iterations", 3, "--batch-size", 4, "--device", "cpu",
+            "--no-progress", "--out", tmp_path / "s"]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "No space left on device" in err and "Traceback" not in err
+    pngs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "s") for f in fs if f.endswith(".png")]
+    assert len(pngs) == 4 and not [f for _, _, fs in os.walk(tmp_path / "s") for f in fs if f.endswith(".tmp")]
+    from PIL import Image
+
+    for p in pngs:
+        Image.open(p).load()  # every image on disk is complete
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert run_cli(args, capsys)[0] == 0
+    assert _tree_bytes(tmp_path / "s") == _tree_bytes(_recover(teacher, tmp_path / "ref", ipc=1, iterations=3)["config"]["out"])
+
+
+def test_unreadable_synthetic_image_is_named(digits_teacher, tmp_path, capsys):
+    teacher = digits_teacher[0]
+    _recover(teacher, tmp_path / "syn", ipc=1, iterations=2, batch_size=10)
+    bad = tmp_path / "syn" / "00004" / "ipc00000.png"
+    bad.write_bytes(b"\x89PNG broken")
+    code, err = run_cli(["train", "--syn", tmp_path / "syn", "--teacher", teacher, "--arch", "convnet3", "--val", "digits",
+                         "--epochs", 1, "--device", "cpu", "--no-progress", "--out", tmp_path / "st"], capsys)
+    assert code == 2 and str(bad) in err and not os.path.exists(tmp_path / "st")
+
+
+def test_weights_that_are_not_a_checkpoint(tmp_path, capsys):
+    junk = tmp_path / "w.pt"
+    junk.write_text("hello")
+    code, err = run_cli(["recover", "--weights", junk, "--arch", "resnet18", "--ipc", 1, "--out", tmp_path / "s"], capsys)
+    assert code == 2 and "not a PyTorch checkpoint" in err and not os.path.exists(tmp_path / "s")
+
+
+def test_skip_mode_reports_failed_batches_and_exits_nonzero(digits_teacher, tmp_path, capsys):
+    code, err = run_cli(["recover", "--weights", digits_teacher[0], "--ipc", 1, "--iterations", 2, "--r-bn", 1e38,
+                         "--on-nonfinite", "skip", "--device", "cpu", "--no-progress", "--out", tmp_path / "s"], capsys)
+    assert code == 1 and "(ipc 0, batch 0)" in err
