@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where torch-loader batches land (cpu or cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write JSON here and a Markdown table next to it (.md)")
+    p.add_argument("--note", default=None, help="free-text remark stored with the results (e.g. machine load)")
     return p
 
 
@@ -179,6 +180,10 @@ def to_markdown(record: dict) -> str:
         f"- pipeline: {cfg['mode']}, {cfg['image_size']}x{cfg['image_size']}, {cfg['channels']} channel(s), "
         f"batch {cfg['batch_size']}, {cfg['workers']} workers / DALI threads, "
         f"{cfg['warmup']} warm-up + {cfg['epochs']} timed epochs (median)",
+    ]
+    if record.get("note"):
+        lines.append(f"- note: {record['note']}")
+    lines += [
         "",
         "| loader | batches on | img/s | vs torch |",
         "|---|---|---:|---:|",
@@ -235,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             r = run_one(name, data, ns)
+            if r["images_per_epoch"] == 0:
+                print(f"srel-fast bench loader: {name} yielded no full batch of {ns.batch_size} per epoch; "
+                      "use more images (--per-class) or a smaller --batch-size.", file=sys.stderr)
+                return 2
             results.append(r)
             print(f"{name:9s} {r['img_per_s']:9.0f} img/s   (epochs: "
                   + ", ".join(f"{v:.0f}" for v in r["img_per_s_epochs"]) + ")", flush=True)
@@ -257,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["srel-fast", "bench", "loader", *argv]),
         "python_argv": list(sys.argv),
         "environment": environment(),
-        "config": {k: v for k, v in vars(ns).items() if k not in ("out",)},
+        "config": {k: v for k, v in vars(ns).items() if k not in ("out", "note")},
+        "note": ns.note,
         "data": {"description": desc, "files": n_files, "avg_bytes": avg},
         "results": results,
         "ratios": ratios,

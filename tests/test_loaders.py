@@ -307,3 +307,22 @@ def test_train_augmentation_reproducible(fm_tree, backend):
     assert not torch.equal(a, epoch(1, 5))
     if backend == "torch":   # per-sample seeds: independent of the worker count
         assert torch.equal(a, epoch(0, 4)) and torch.equal(a, epoch(2, 4))
+
+
+@needs_fmnist
+def test_bench_loader_smoke(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import bench_loader
+
+    out = tmp_path / "r" / "loader.json"
+    rc = bench_loader.main(["--per-class", "6", "--epochs", "1", "--warmup", "0", "--batch-size", "16",
+                            "--workers", "1", "--out", str(out)])
+    assert rc == 0
+    import json
+
+    rec = json.loads(out.read_text())
+    names = [r["loader"] for r in rec["results"]]
+    assert "torch" in names and (("dali-cpu" in names) == HAVE_DALI)
+    assert all(r["img_per_s"] > 0 and r["images_per_epoch"] == 48 for r in rec["results"])
+    assert rec["command"].startswith("srel-fast bench loader") and rec["environment"]["torch"]
+    assert "| torch |" in out.with_suffix(".md").read_text()
