@@ -9,7 +9,8 @@ back-ends share one set of semantics:
 * ``dali`` on the CPU: the same DALI graph with CPU operators
   (``device_id=None``), batches land in CPU tensors.
 * ``torch``: ``torchvision.datasets.ImageFolder``-equivalent data set with
-  PIL decode and torchvision transforms, driven by a ``torch.utils.data.DataLoader``.
+  PIL decode and ``torchvision.transforms.functional`` ops, driven by a
+  ``torch.utils.data.DataLoader``.
 
 ``loader="auto"`` picks DALI when ``nvidia.dali`` (and its PyTorch plugin) is
 importable, else torch.
@@ -96,8 +97,12 @@ is no pre-scan (too expensive at ImageNet scale): the torch back-end catches
 the PIL error at decode time; DALI's decode error does not name the file, so
 on a pipeline error the loader re-decodes the files of the failing and
 prefetched batches with PIL (a few batches, only on the error path) and
-names the undecodable one(s). :func:`find_corrupt_images` is a stand-alone
-full-decode scan for users who want to clean a tree up-front.
+names the undecodable one(s). Garbage files and truncated JPEGs are both
+errors in both back-ends (PIL: "image file is truncated"; DALI's
+libjpeg-turbo: "Premature end of JPEG data"). A DALI error that is not a
+decode failure, or a decode failure PIL cannot reproduce, is re-raised as is.
+:func:`find_corrupt_images` is a stand-alone full-decode scan for users who
+want to clean a tree up-front.
 """
 
 from __future__ import annotations

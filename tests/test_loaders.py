@@ -252,12 +252,16 @@ def test_dali_and_torch_shards_agree(fm_tree):
 
 @needs_fmnist
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_corrupt_jpeg_raises_naming_the_file(tmp_path, backend):
-    root = make_fashion_mnist_jpeg_tree(tmp_path / "t", per_class=3, split="test")
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_jpeg_raises_naming_the_file(tmp_path, backend, damage):
+    root = make_fashion_mnist_jpeg_tree(tmp_path / "t", per_class=3, split="test", size=64)
     bad = sorted((root / "pullover").iterdir())[1]
-    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 8)
+    if damage == "garbage":
+        bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 8)
+    else:
+        bad.write_bytes(bad.read_bytes()[:-300])
     assert find_corrupt_images(str(root)) == [str(bad)]
-    loader = build_loader(_cfg(root, backend, train=False, num_workers=2))
+    loader = build_loader(_cfg(root, backend, train=False, num_workers=2, image_size=56, resize_size=64))
     with pytest.raises(CorruptImageError, match="cannot decode image file") as ei:
         for _ in loader:
             pass
