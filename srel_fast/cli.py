@@ -70,9 +70,12 @@ def config_from_args(cls, ns: argparse.Namespace):
 
 
 def _stages():
+    from .continual import ContinualConfig, run_continual
     from .demo import DemoConfig, run_demo
+    from .pictures import PicturesConfig, run_pictures
     from .recover import RecoverConfig, run_recover
     from .relabel import RelabelConfig, run_relabel
+    from .report import ReportConfig, run_report
     from .squeeze import SqueezeConfig, run_squeeze
     from .train import TrainConfig, run_train
 
@@ -82,6 +85,9 @@ def _stages():
         "relabel": (RelabelConfig, run_relabel, "store FKD-style soft labels for every crop"),
         "train": (TrainConfig, run_train, "train a student on the synthetic set and test it on real data"),
         "demo": (DemoConfig, run_demo, "the whole pipeline on Fashion-MNIST, on the CPU"),
+        "report": (ReportConfig, run_report, "collect train/demo/continual results into a Markdown table and a plot"),
+        "continual": (ContinualConfig, run_continual, "class-incremental learning with a synthetic vs real memory"),
+        "pictures": (PicturesConfig, run_pictures, "per-class grid and t-SNE of teacher features of a synthetic set"),
     }
 
 
