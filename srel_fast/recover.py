@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import distributed as _dist
 from .augment import CropParams, apply_crops, draw_crop_params
 from .bn_matching import bn_matching
 from .data import Normalization
@@ -135,12 +136,8 @@ def cosine_lr(base_lr: float, iteration: int, iterations: int) -> float:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but no CUDA device is available.")
-    return dev
+    """``auto``/``cuda`` mean the local rank's GPU under torchrun (srel_fast.distributed)."""
+    return _dist.resolve_device(name)
 
 
 class Recoverer:
@@ -265,7 +262,9 @@ def prepare_output(cfg: RecoverConfig, record: dict) -> None:
 
 
 def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    """This process's rank and the world size, from the torchrun environment (RANK, WORLD_SIZE).
+    Recovery needs no process group: ranks share nothing but the output tree."""
+    return _dist.rank(), _dist.world_size()
 
 
 def run_recover(cfg: RecoverConfig) -> dict:

@@ -6,10 +6,19 @@ a short budget recovers better than a long one. The checkpoint carries the
 model spec, class names, normalisation and test accuracy, so recover needs
 nothing else. Every epoch is checkpointed (model, optimiser, scheduler, RNG)
 and an interrupted run resumes from the last one.
+
+Under torchrun the model is wrapped in DistributedDataParallel with BatchNorm
+statistics over the global batch; --batch-size stays the global batch. With
+built-in (in-memory) data every rank draws the same epoch order and the same
+crop parameters for the whole global batch from the shared generator and
+keeps its slice, so W processes train what one process trains (up to float
+rounding). ImageFolder loaders are sharded (shard_id = rank). Only rank 0
+prints and writes the checkpoint, its JSON and the resume file.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -18,12 +27,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .augment import random_resized_crop
+from . import distributed as _dist
+from .augment import CropParams, apply_crops, draw_crop_params
 from .data import Normalization, check_data_path, dataset_normalization, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
 from .files import environment, write_json
 from .models import ModelSpec, build_model, require_batchnorm, save_checkpoint
-from .recover import resolve_device
 from .training import cosine_schedule, evaluate, evaluate_loader, load_resume_state, make_optimizer, save_resume_state, seed_everything
 
 
@@ -61,10 +70,15 @@ def validate(cfg: SqueezeConfig) -> None:
         raise UserError(f"checkpoint {cfg.out} already exists; use --overwrite to replace it.")
 
 
+@_dist.stage
 def run_squeeze(cfg: SqueezeConfig) -> dict:
     validate(cfg)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = _dist.resolve_device(cfg.device)
+    rank, world = _dist.rank(), _dist.world_size()
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                        f"{world} processes.")
     if is_builtin(cfg.data):
         train, test = load_builtin(cfg.data, "train", cfg.seed), load_builtin(cfg.data, "test", cfg.seed)
         norm = dataset_normalization(train)
@@ -78,8 +92,9 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
         from .models import IMAGENET_MEAN_STD
 
         norm = Normalization(*IMAGENET_MEAN_STD)
-        common = dict(image_size=size, batch_size=cfg.batch_size, mean=norm.mean, std=norm.std,
-                      loader=cfg.loader, num_workers=cfg.num_workers, seed=cfg.seed, device=str(device))
+        common = dict(image_size=size, batch_size=cfg.batch_size // world, mean=norm.mean, std=norm.std,
+                      loader=cfg.loader, num_workers=cfg.num_workers, seed=cfg.seed, device=str(device),
+                      shard_id=rank, num_shards=world)
         train_dir = os.path.join(cfg.data, "train") if os.path.isdir(os.path.join(cfg.data, "train")) else cfg.data
         val_dir = os.path.join(cfg.data, "val") if os.path.isdir(os.path.join(cfg.data, "val")) else train_dir
         train_loader = build_loader(LoaderConfig(root=train_dir, train=True, **common))
@@ -91,16 +106,20 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
     require_batchnorm(model, cfg.arch)
     if steps_per_epoch == 0:
         raise UserError(f"the training set is smaller than one batch of {cfg.batch_size}; lower --batch-size.")
+    net = _dist.wrap_ddp(model, device)   # DDP + global BatchNorm under torchrun; the model itself otherwise
+    model = _dist.unwrap(net)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
     scheduler = cosine_schedule(optimizer, cfg.epochs * steps_per_epoch)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     config_dict = dataclasses.asdict(cfg)
     resume_path = cfg.out + ".resume"
-    if cfg.overwrite and os.path.exists(resume_path):
+    _dist.barrier()  # every rank has checked the output before rank 0 touches it
+    if cfg.overwrite and os.path.exists(resume_path) and _dist.is_main():
         os.remove(resume_path)
+    _dist.barrier()
     start_epoch = load_resume_state(resume_path, _resume_key(config_dict), model, optimizer, scheduler, gen)
     bar = None
-    if cfg.progress:
+    if cfg.progress and _dist.is_main():
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc="squeeze",
@@ -110,32 +129,38 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         total = 0.0
-        batches = _builtin_batches(train, cfg, norm, gen, device) if train_loader is None else _loader_batches(train_loader, epoch)
+        batches = (_builtin_batches(train, cfg, norm, gen, device, rank, world) if train_loader is None
+                   else _loader_batches(train_loader, epoch))
         for x, y in batches:
-            loss = F.cross_entropy(model(x), y)
-            if not torch.isfinite(loss):
+            # Each rank's mean over B / W images; DDP averages the gradients: the global batch mean.
+            loss = F.cross_entropy(net(x), y)
+            loss_v = loss.item() if world == 1 else _dist.all_reduce_sum([loss.item()])[0] / world
+            if not math.isfinite(loss_v):
                 raise NonFiniteLoss(f"squeeze reached a non-finite loss in epoch {epoch}; lower --lr.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += loss.item()
+            total += loss_v
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{loss_v:.3f}")
         history.append({"epoch": epoch, "train_loss": total / steps_per_epoch})
-        save_resume_state(resume_path, epoch + 1, model, optimizer, scheduler, gen,
-                          {"config": _resume_key(config_dict)})
+        if _dist.is_main():
+            save_resume_state(resume_path, epoch + 1, model, optimizer, scheduler, gen,
+                              {"config": _resume_key(config_dict)})
     if bar is not None:
         bar.close()
     acc = evaluate(model, test, norm, device) if val_loader is None else evaluate_loader(model, val_loader, device)
-    results = {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "history": history}
-    save_checkpoint(cfg.out, model, spec, norm.mean, norm.std, classes, test_accuracy=acc,
-                    dataset=cfg.data, config=config_dict)
-    write_json(cfg.out + ".json", {"config": config_dict, "model": spec.to_dict(), "results": results,
-                                   "environment": environment()})
-    if os.path.exists(resume_path):
-        os.remove(resume_path)
+    results = {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "history": history, "world_size": world}
+    if _dist.is_main():
+        save_checkpoint(cfg.out, model, spec, norm.mean, norm.std, classes, test_accuracy=acc,
+                        dataset=cfg.data, config=config_dict)
+        write_json(cfg.out + ".json", {"config": config_dict, "model": spec.to_dict(), "results": results,
+                                       "environment": environment()})
+        if os.path.exists(resume_path):
+            os.remove(resume_path)
+    _dist.barrier()
     return results
 
 
@@ -143,12 +168,19 @@ def _resume_key(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("overwrite", "progress", "device", "num_workers")}
 
 
-def _builtin_batches(train, cfg: SqueezeConfig, norm: Normalization, gen: torch.Generator, device):
+def _builtin_batches(train, cfg: SqueezeConfig, norm: Normalization, gen: torch.Generator, device,
+                     rank: int = 0, world: int = 1):
+    """Global batches in the epoch order of the shared generator; this rank's slice of each.
+    The crop parameters are drawn for the whole global batch (the same draws as one
+    process) and sliced, so the crops do not depend on how the batch is split."""
     order = torch.randperm(len(train), generator=gen, device=device).cpu()
+    h, w = train.images.shape[-2:]
+    lo, hi = _dist.shard_bounds(cfg.batch_size, rank, world)
     for s in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-        idx = order[s:s + cfg.batch_size]
+        idx = order[s:s + cfg.batch_size][lo:hi]
+        p = draw_crop_params(cfg.batch_size, h, w, gen, per_image=True, scale=(cfg.min_scale, 1.0))
         x = norm.normalize(train.images[idx].to(device))
-        x = random_resized_crop(x, gen, scale=(cfg.min_scale, 1.0))
+        x = apply_crops(x, CropParams(p.boxes[lo:hi], p.flip[lo:hi], None), (h, w), "auto")
         yield x, train.labels[idx].to(device)
 
 

@@ -11,10 +11,19 @@ nothing stored). ``label_mode="hard"`` trains with cross-entropy on the
 class labels instead (the random-real baseline). Top-1 is then measured on
 the real test/validation split. Every epoch is checkpointed and an
 interrupted run resumes from the last one.
+
+Under torchrun the student is wrapped in DistributedDataParallel with
+BatchNorm statistics over the global batch. Every rank plans the same global
+batches (epoch_plan) and takes its contiguous slice of each; the loss is the
+rank's share of the global batch mean (sum over its rows x W / B), so the
+averaged gradient is the one-process gradient even for an uneven last batch.
+CutMix partners on other ranks are cropped locally (crops are regenerated,
+not communicated). Only rank 0 prints and writes checkpoints and JSON.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -23,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import distributed as _dist
 from .data import Normalization, check_data_path, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
 from .files import environment, read_json, write_json
@@ -94,7 +104,9 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     """The training loop: ``images`` are normalised (N, C, H, W) on the device."""
     device = images.device
     seed_everything(cfg.seed)
-    model = build_model(spec).to(device)
+    rank, world = _dist.rank(), _dist.world_size()
+    net = _dist.wrap_ddp(build_model(spec).to(device), device)   # DDP under torchrun, else the model
+    model = _dist.unwrap(net)
     if teacher is not None:
         teacher = teacher.to(device).eval()
         for p in teacher.parameters():
@@ -108,7 +120,7 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     start_epoch = load_resume_state(resume_path, key, model, optimizer, scheduler, gen) if resume_path else 0
     size = (spec.image_size, spec.image_size)
     bar = None
-    if cfg.progress:
+    if cfg.progress and _dist.is_main():
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="train", unit="epoch", dynamic_ncols=True, file=sys.stderr)
@@ -118,38 +130,57 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
         row = 0
         epoch_loss = 0.0
         for pb in epoch_plan(cfg.plan(), epoch, n, images.shape[2], images.shape[3]):
-            x = make_inputs(images, pb, size, cfg.backend)
-            out = model(x)
-            if cfg.label_mode == "hard":
-                y = labels[pb.indices.to(device)]
-                if pb.mix_perm is not None:
-                    loss = pb.mix_lam * F.cross_entropy(out, y) + (1 - pb.mix_lam) * F.cross_entropy(out, y[pb.mix_perm.to(device)])
-                else:
-                    loss = F.cross_entropy(out, y)
+            if world == 1:
+                x = make_inputs(images, pb, size, cfg.backend)
+                out = model(x)
+                loss = _student_loss(out, x, pb, None, row, labels, cfg, epoch, teacher, store, device)
+                loss_v = loss.item()
             else:
-                if store is not None:
-                    target = store.soft_targets(epoch, slice(row, row + x.shape[0]), cfg.temperature, device)
-                else:
-                    with torch.no_grad():
-                        target = F.softmax(teacher(x).float() / cfg.temperature, dim=1)
-                loss = F.kl_div(F.log_softmax(out.float() / cfg.temperature, dim=1), target, reduction="batchmean")
-            row += x.shape[0]
-            if not torch.isfinite(loss):
+                b = len(pb.indices)
+                lo, hi = _dist.shard_bounds(b, rank, world)
+                x = make_inputs(images, pb, size, cfg.backend, rows=slice(lo, hi))
+                out = net(x)
+                loss = _student_loss(out, x, pb, slice(lo, hi), row, labels, cfg, epoch, teacher, store, device)
+                loss = loss * (world / b)      # sum over this rank's rows -> its share of the global mean
+                loss_v = _dist.all_reduce_sum([loss.item()])[0] / world
+            row += len(pb.indices)
+            if not math.isfinite(loss_v):
                 raise NonFiniteLoss(f"student training reached a non-finite loss in epoch {epoch}; lower --lr.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            epoch_loss += loss.item()
+            epoch_loss += loss_v
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{epoch_loss / steps_per_epoch:.4f}")
-        if resume_path:
+        if resume_path and _dist.is_main():
             save_resume_state(resume_path, epoch + 1, model, optimizer, scheduler, gen, {"config": key})
     if bar is not None:
         bar.close()
     acc = evaluate_fn(model)
     return {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "model": model}
+
+
+def _student_loss(out, x, pb, rows, row, labels, cfg: TrainConfig, epoch, teacher, store, device):
+    """The loss of a batch (``rows`` None: whole batch, mean) or of a rank's rows of it (sum)."""
+    reduction = "mean" if rows is None else "sum"
+    sel = slice(None) if rows is None else rows
+    if cfg.label_mode == "hard":
+        y = labels[pb.indices[sel].to(device)]
+        if pb.mix_perm is not None:
+            y_mix = labels[pb.indices[pb.mix_perm[sel]].to(device)]
+            return (pb.mix_lam * F.cross_entropy(out, y, reduction=reduction)
+                    + (1 - pb.mix_lam) * F.cross_entropy(out, y_mix, reduction=reduction))
+        return F.cross_entropy(out, y, reduction=reduction)
+    if store is not None:
+        lo, hi = (0, x.shape[0]) if rows is None else (rows.start, rows.stop)
+        target = store.soft_targets(epoch, slice(row + lo, row + hi), cfg.temperature, device)
+    else:
+        with torch.no_grad():
+            target = F.softmax(teacher(x).float() / cfg.temperature, dim=1)
+    return F.kl_div(F.log_softmax(out.float() / cfg.temperature, dim=1), target,
+                    reduction="batchmean" if rows is None else "sum")
 
 
 def _resume_key(cfg: TrainConfig) -> dict:
@@ -166,20 +197,20 @@ def make_evaluator(val: str, norm: Normalization, image_size: int, device, loade
 
     val_dir = os.path.join(val, "val") if os.path.isdir(os.path.join(val, "val")) else val
     vl = build_loader(LoaderConfig(root=val_dir, train=False, image_size=image_size, batch_size=250,
-                                   mean=norm.mean, std=norm.std, loader=loader, device=str(device)))
+                                   mean=norm.mean, std=norm.std, loader=loader, device=str(device),
+                                   shard_id=_dist.rank(), num_shards=_dist.world_size()))
     return lambda model: evaluate_loader(model, vl, device)
 
 
+@_dist.stage
 def run_train(cfg: TrainConfig) -> dict:
-    from .recover import resolve_device
-
     if cfg.epochs <= 0:
         raise UserError(f"--epochs must be positive, got {cfg.epochs}.")
     if cfg.label_mode not in ("soft", "hard"):
         raise UserError(f"--label-mode must be 'soft' or 'hard', got {cfg.label_mode!r}.")
     if cfg.label_mode == "soft" and cfg.teacher is None and cfg.labels is None:
         raise UserError("soft-label training needs --teacher (online relabel) or --labels (a relabel directory).")
-    device = resolve_device(cfg.device)
+    device = _dist.resolve_device(cfg.device)
     teacher = load_model(cfg.teacher, cfg.teacher_arch) if cfg.teacher else None
     images, labels, norm = load_synthetic(cfg.syn, teacher, device)
     rec_path = os.path.join(cfg.syn, "recover_config.json")
@@ -202,17 +233,21 @@ def run_train(cfg: TrainConfig) -> dict:
         raise UserError(f"{final} already exists; use --overwrite to train again.")
     evaluate_fn = make_evaluator(cfg.val, norm, spec.image_size, device, cfg.loader, cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
-    if cfg.overwrite and os.path.exists(os.path.join(cfg.out, "train.resume")):
+    _dist.barrier()  # every rank has checked the output before rank 0 touches it
+    if cfg.overwrite and os.path.exists(os.path.join(cfg.out, "train.resume")) and _dist.is_main():
         os.remove(os.path.join(cfg.out, "train.resume"))
+    _dist.barrier()
     res = train_student(images, labels, spec.num_classes, spec, cfg, evaluate_fn, teacher_model, store,
                         resume_path=os.path.join(cfg.out, "train.resume"))
     model = res.pop("model")
-    save_checkpoint(final, model, spec, norm.mean, norm.std, [str(i) for i in range(spec.num_classes)],
-                    test_accuracy=res["test_accuracy"], config=dataclasses.asdict(cfg))
     out = {"config": dataclasses.asdict(cfg), "model": spec.to_dict(), "results": res, "environment": environment(),
-           "num_images": int(images.shape[0])}
-    write_json(os.path.join(cfg.out, "train_results.json"), out)
-    resume = os.path.join(cfg.out, "train.resume")
-    if os.path.exists(resume):
-        os.remove(resume)
+           "num_images": int(images.shape[0]), "world_size": _dist.world_size()}
+    if _dist.is_main():
+        save_checkpoint(final, model, spec, norm.mean, norm.std, [str(i) for i in range(spec.num_classes)],
+                        test_accuracy=res["test_accuracy"], config=dataclasses.asdict(cfg))
+        write_json(os.path.join(cfg.out, "train_results.json"), out)
+        resume = os.path.join(cfg.out, "train.resume")
+        if os.path.exists(resume):
+            os.remove(resume)
+    _dist.barrier()
     return res
