@@ -425,62 +425,183 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def time_steps(step, images: int, device: torch.device, warmup: int, repeats: int) -> dict:
-    """Warm-up (the first iteration compiles, timed separately), then ``repeats``
-    individually timed iterations with a device sync around each."""
-    sync(device)
-    t = time.perf_counter()
-    loss = step(0)
-    sync(device)
-    first = time.perf_counter() - t
-    for i in range(1, warmup):
-        step(i)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base_mem = torch.cuda.memory_allocated(device)
-    times = []
-    sampler = RSSSampler() if device.type == "cpu" else None
-    ctx = sampler if sampler is not None else _Null()
-    with ctx:
-        for r in range(repeats):
-            sync(device)
-            t = time.perf_counter()
-            loss = step(warmup + r)
-            sync(device)
-            times.append(time.perf_counter() - t)
-    loss_v = float(loss.float().sum()) if torch.is_tensor(loss) else float(loss)
-    ms = [1000 * s for s in times]
+def _stats(ms: list[float], images: int) -> dict:
     per_img = [m / images for m in ms]
-    med = statistics.median(ms)
-    out = {
-        "status": "ok",
+    q1, q3 = _quantile(per_img, 0.25), _quantile(per_img, 0.75)
+    return {
         "images_per_iteration": images,
         "ms_per_image_median": statistics.median(per_img),
         "ms_per_image_min": min(per_img),
         "ms_per_image_max": max(per_img),
-        "ms_per_image_q1": _quantile(per_img, 0.25),
-        "ms_per_image_q3": _quantile(per_img, 0.75),
-        "ms_per_image_iqr": _quantile(per_img, 0.75) - _quantile(per_img, 0.25),
-        "ms_per_iteration_median": med,
+        "ms_per_image_q1": q1,
+        "ms_per_image_q3": q3,
+        "ms_per_image_iqr": q3 - q1,
+        "ms_per_iteration_median": statistics.median(ms),
         "ms_per_iteration_all": ms,
-        "first_iteration_s": first,
-        "compile_s": max(0.0, first - med / 1000),
-        "loss": loss_v,
-        "loss_finite": math.isfinite(loss_v),
-        "warmup": warmup,
-        "repeats": repeats,
     }
-    if device.type == "cuda":
-        out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-        out["resident_before_mb"] = base_mem / 2 ** 20
-        out["memory_kind"] = "torch.cuda.max_memory_allocated over the timed iterations (after reset_peak_memory_stats)"
+
+
+class Running:
+    """A provider that has been built and warmed up, and is timed one iteration at a time."""
+
+    def __init__(self, name: str, ctx: "Context"):
+        self.name, self.ctx, self.dev = name, ctx, ctx.device
+        self.p = None
+        self.rec: dict = {"provider": name}
+        self.times: list[float] = []
+        self.it = 0
+        self.loss = None
+
+    def _step(self):
+        self.loss = self.p.step(self.it)
+        self.it += 1
+
+    def start(self) -> bool:
+        """Build, run the first iteration (compiles; timed as first_iteration_s), then the
+        rest of the warm-up, over which the peak memory of this provider is measured
+        (CUDA: max_memory_allocated minus what was allocated before it was built)."""
+        ctx, dev = self.ctx, self.dev
+        try:
+            gc.collect()
+            sync(dev)
+            base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+            t = time.perf_counter()
+            self.p, settings = build_provider(self.name, ctx)
+            self.rec["settings"] = settings
+            self.rec["setup_s"] = time.perf_counter() - t
+            sync(dev)
+            t = time.perf_counter()
+            self._step()
+            sync(dev)
+            self.rec["first_iteration_s"] = time.perf_counter() - t
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            sampler = RSSSampler() if dev.type == "cpu" else _Null()
+            with sampler:
+                for _ in range(max(1, ctx.warmup - 1)):
+                    self._step()
+                sync(dev)
+            if dev.type == "cuda":
+                self.rec["peak_memory_mb"] = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20
+                self.rec["persistent_memory_mb"] = (torch.cuda.memory_allocated(dev) - base) / 2 ** 20
+            else:
+                self.rec["peak_memory_mb"] = None
+                self.rec["cpu_rss_delta_mb"] = sampler.delta_mb
+            return True
+        except Exception as exc:  # noqa: BLE001 - a failing provider is recorded, not fatal
+            self.fail(exc)
+            return False
+
+    def time_one(self) -> bool:
+        try:
+            sync(self.dev)
+            t = time.perf_counter()
+            self._step()
+            sync(self.dev)
+            self.times.append(1000 * (time.perf_counter() - t))
+            return True
+        except Exception as exc:  # noqa: BLE001
+            self.fail(exc)
+            return False
+
+    def fail(self, exc: BaseException) -> None:
+        msg = str(exc).strip()
+        self.rec["status"] = "error"
+        self.rec["error"] = f"{type(exc).__name__}: {msg.splitlines()[0] if msg else ''}"
+        self.rec["traceback"] = traceback.format_exc(limit=6)[-3000:]
+        self.close()
+
+    def finish(self) -> dict:
+        if self.rec.get("status") == "error":
+            return self.rec
+        try:
+            rec = self.rec
+            rec["status"] = "ok"
+            rec.update(_stats(self.times, self.p.images_per_iteration))
+            rec["compile_s"] = max(0.0, rec["first_iteration_s"] - rec["ms_per_iteration_median"] / 1000)
+            loss_v = float(self.loss.float().sum()) if torch.is_tensor(self.loss) else float(self.loss)
+            rec["loss"], rec["loss_finite"] = loss_v, math.isfinite(loss_v)
+            rec["warmup"], rec["repeats"] = self.ctx.warmup, len(self.times)
+            if self.name == FLOOR:
+                fl = self.p.flops()
+                rate = matmul_rate(self.dev, self.ctx.amp or torch.float32, self.ctx.small)
+                n = self.p.images_per_iteration
+                rec["flops"], rec["matmul"] = fl, rate
+                rec["flops_floor_ms_per_image"] = 1000 * fl["flops_total"] / (rate["tflops"] * 1e12) / n
+                rec["conv_flops_floor_ms_per_image"] = 1000 * fl["flops_conv"] / (rate["tflops"] * 1e12) / n
+        except Exception as exc:  # noqa: BLE001
+            self.fail(exc)
+        self.close()
+        return self.rec
+
+    def close(self) -> None:
+        if self.p is not None and hasattr(self.p, "close"):
+            try:
+                self.p.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.p = None
+        gc.collect()
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_providers(names: list[str], ctx: "Context", schedule: str = "interleaved", log=None) -> list[dict]:
+    """``interleaved`` (default): build and warm up every provider, then time them in
+    rounds of one iteration each (alternating direction), so that a shared or
+    throttling machine slows all providers alike; ``sequential``: one provider at a
+    time, alone on the device."""
+    log = log or (lambda msg: None)
+    results: dict[str, dict] = {}
+    if schedule == "sequential":
+        for name in names:
+            r = Running(name, ctx)
+            t = time.perf_counter()
+            if r.start():
+                for _ in range(ctx.repeats):
+                    if not r.time_one():
+                        break
+            results[name] = r.finish()
+            results[name]["wall_s"] = time.perf_counter() - t
+            _log_result(log, results[name])
+            _dynamo_reset()
+        return [results[n] for n in names]
+    live = []
+    for name in names:
+        r = Running(name, ctx)
+        t = time.perf_counter()
+        ok = r.start()
+        r.rec["wall_s"] = time.perf_counter() - t
+        log(f"  {name:28s} " + (f"warm (first it {r.rec['first_iteration_s']:.2f} s)" if ok else r.rec["error"]))
+        if ok:
+            live.append(r)
+        else:
+            results[name] = r.rec
+    for k in range(ctx.repeats):
+        order = live if k % 2 == 0 else live[::-1]
+        for r in order:
+            if r.rec.get("status") != "error":
+                r.time_one()
+    for r in live:
+        results[r.name] = r.finish()
+        _log_result(log, results[r.name])
+    _dynamo_reset()
+    return [results[n] for n in names]
+
+
+def _log_result(log, rec: dict) -> None:
+    if rec.get("status") == "ok":
+        log(f"  {rec['provider']:28s} {rec['ms_per_image_median']:.4g} ms/img/it "
+            f"(min {rec['ms_per_image_min']:.4g}, first it {rec['first_iteration_s']:.2f} s)")
     else:
-        out["peak_memory_mb"] = None
-        out["cpu_rss_delta_mb"] = sampler.delta_mb
-        out["memory_kind"] = ("cpu: no device memory (null); cpu_rss_delta_mb is the sampled peak RSS growth "
-                              "over the timed iterations (indicative only: allocator caching)")
-    return out
+        log(f"  {rec['provider']:28s} {rec.get('error')}")
+
+
+def _dynamo_reset() -> None:
+    try:
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 class _Null:
@@ -553,40 +674,8 @@ def build_provider(name: str, ctx: Context):
 
 
 def run_provider(name: str, ctx: Context) -> dict:
-    p = None
-    rec: dict = {"provider": name}
-    try:
-        t = time.perf_counter()
-        p, settings = build_provider(name, ctx)
-        rec["settings"] = settings
-        rec["setup_s"] = time.perf_counter() - t
-        rec.update(time_steps(p.step, p.images_per_iteration, ctx.device, ctx.warmup, ctx.repeats))
-        if name == FLOOR:
-            fl = p.flops()
-            rate = matmul_rate(ctx.device, ctx.amp or torch.float32, ctx.small)
-            rec["flops"] = fl
-            rec["matmul"] = rate
-            rec["flops_floor_ms_per_image"] = 1000 * fl["flops_total"] / (rate["tflops"] * 1e12) / p.images_per_iteration
-            rec["conv_flops_floor_ms_per_image"] = 1000 * fl["flops_conv"] / (rate["tflops"] * 1e12) / p.images_per_iteration
-    except Exception as exc:  # noqa: BLE001 - a failing provider is recorded, not fatal
-        rec["status"] = "error"
-        rec["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        rec["traceback"] = traceback.format_exc(limit=6)[-3000:]
-    finally:
-        if p is not None and hasattr(p, "close"):
-            try:
-                p.close()
-            except Exception:  # noqa: BLE001
-                pass
-        del p
-        gc.collect()
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
-        try:
-            torch._dynamo.reset()
-        except Exception:  # noqa: BLE001
-            pass
-    return rec
+    """One provider alone: build, warm up, time ``ctx.repeats`` iterations."""
+    return run_providers([name], ctx, "sequential")[0]
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -597,6 +686,7 @@ def add_ratios(results: list[dict]) -> None:
         for other in (REFERENCE, REFERENCE_COMPILED, "dm", "mtt"):
             if other in by:
                 r[f"speedup_vs_{other}"] = by[other]["ms_per_image_median"] / r["ms_per_image_median"]
+                r[f"speedup_vs_{other}_from_min"] = by[other]["ms_per_image_min"] / r["ms_per_image_min"]
         if FLOOR in by and r["provider"] != FLOOR:
             r["ratio_to_floor"] = r["ms_per_image_median"] / by[FLOOR]["ms_per_image_median"]
 
@@ -623,12 +713,13 @@ def markdown(record: dict) -> str:
               f"- command: `{record['command']}`",
               f"- model {cfg['arch']} at {cfg['image_size']}x{cfg['image_size']}, {cfg['num_classes']} classes, "
               f"recovery batch {cfg['batch']}; AMP dtype used: {record['amp']}; warm-up {record['warmup']}, "
-              f"timed repeats {record['repeats']}",
+              f"timed repeats {record['repeats']} ({record['schedule']} schedule)",
               "- unit: ms per synthetic image per iteration (median over repeats; IQR = q3 - q1); "
-              "xREF = reference time / this time (higher is faster)", ""]
+              "x ref = reference time / this time (higher is faster), from medians; x ref (min) from the "
+              "fastest iteration of each (less sensitive to a shared, loaded machine)", ""]
     mem_col = "peak MB" if gpu else "RSS +MB"
     head = ["provider", "ms/img/it", "min", "max", "IQR", "ms/it", "img/it", "1st it s", mem_col,
-            "x ref", "x ref-comp", "x dm", "x mtt"]
+            "x ref", "x ref (min)", "x ref-comp", "x dm", "x mtt"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in record["results"]:
@@ -639,7 +730,8 @@ def markdown(record: dict) -> str:
         row = [r["provider"], _fmt(r["ms_per_image_median"]), _fmt(r["ms_per_image_min"]),
                _fmt(r["ms_per_image_max"]), _fmt(r["ms_per_image_iqr"], 2), _fmt(r["ms_per_iteration_median"]),
                str(r["images_per_iteration"]), _fmt(r["first_iteration_s"], 3), _fmt(mem, 4),
-               _fmt(r.get("speedup_vs_reference"), 3), _fmt(r.get("speedup_vs_reference-compiled"), 3),
+               _fmt(r.get("speedup_vs_reference"), 3), _fmt(r.get("speedup_vs_reference_from_min"), 3),
+               _fmt(r.get("speedup_vs_reference-compiled"), 3),
                _fmt(r.get("speedup_vs_dm"), 3), _fmt(r.get("speedup_vs_mtt"), 3)]
         lines.append("| " + " | ".join(row) + " |")
     floor = next((r for r in record["results"] if r["provider"] == FLOOR and r.get("status") == "ok"), None)
@@ -722,6 +814,23 @@ def plot(record: dict, path: str) -> None:
     plt.close(fig)
 
 
+def render(json_path: str) -> int:
+    """Rewrite <stem>.md and <stem>.png from <stem>.json (ratios recomputed)."""
+    with open(json_path) as f:
+        record = json.load(f)
+    record.setdefault("schedule", "sequential")
+    add_ratios(record["results"])
+    stem = json_path[:-5] if json_path.endswith(".json") else json_path
+    with open(json_path, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    md = markdown(record)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    plot(record, stem + ".png")
+    print(md)
+    return 0
+
+
 def output_stem(config_name: str, small: bool, device: torch.device) -> str:
     return f"recover_step_{config_name}{'_small' if small else ''}_{'gpu' if device.type == 'cuda' else 'cpu'}"
 
@@ -740,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip", default="", help="comma-separated providers to leave out")
     ap.add_argument("--list", action="store_true", help="print the config's providers and exit")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 5 on GPU, 2 on CPU)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed iterations (default 20 on GPU, 5 on CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed iterations (default 20 on GPU, 7 on CPU)")
     ap.add_argument("--batch", type=int, default=None, help="override the recovery batch")
     ap.add_argument("--image-size", type=int, default=None, help="override the resolution")
     ap.add_argument("--baseline-ipc", type=int, default=None, help="IPC of DM and MTT (default 10; 2 when small)")
@@ -748,9 +857,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mtt-batch-syn", type=int, default=None)
     ap.add_argument("--dm-batch-real", type=int, default=None)
     ap.add_argument("--check-every", type=int, default=1, help="srel-fast loss check interval (run_batch's check_every)")
+    ap.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved",
+                    help="interleaved: time all providers in rounds of one iteration each (default; fair on a "
+                         "shared machine); sequential: one provider at a time, alone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=RESULTS_DIR)
     ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--render", metavar="JSON", default=None,
+                    help="re-render the Markdown table and chart of a saved result JSON (no measurement)")
     return ap
 
 
@@ -791,6 +905,8 @@ def resolve_config(ns, device: torch.device) -> tuple[BenchConfig, bool]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(argv)
+    if ns.render:
+        return render(ns.render)
     if ns.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -804,24 +920,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the original SRe2L code
+    for knob in ("recompile_limit", "cache_size_limit"):  # one compiled loss per provider, all alive at once
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
     amp, amp_name = resolve_amp(device)
     warmup = ns.warmup if ns.warmup is not None else (5 if device.type == "cuda" else 2)
-    repeats = ns.repeats if ns.repeats is not None else (20 if device.type == "cuda" else 5)
+    repeats = ns.repeats if ns.repeats is not None else (20 if device.type == "cuda" else 7)
     ctx = Context(ns.config, cfg, device, amp, amp_name, small, max(1, warmup), max(1, repeats), ns.seed,
                   ns.check_every)
     command = shlex.join(["srel-fast", "bench", "recover-step", *argv])
     print(f"recover-step {ns.config} on {device_name(device)} ({'small' if small else 'full'} sizes, amp {amp_name}): "
           f"{', '.join(cfg.providers)}", file=sys.stderr)
-    results = []
     t_all = time.perf_counter()
-    for name in cfg.providers:
-        t = time.perf_counter()
-        rec = run_provider(name, ctx)
-        rec["wall_s"] = time.perf_counter() - t
-        results.append(rec)
-        msg = (f"{rec['ms_per_image_median']:.4g} ms/img/it (first it {rec['first_iteration_s']:.2f} s)"
-               if rec.get("status") == "ok" else rec.get("error"))
-        print(f"  {name:28s} {msg}  [{rec['wall_s']:.1f} s]", file=sys.stderr)
+    results = run_providers(cfg.providers, ctx, ns.schedule, log=lambda m: print(m, file=sys.stderr, flush=True))
     add_ratios(results)
     cfg_dict = asdict(cfg)
     record = {
@@ -836,11 +947,15 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": ctx.warmup,
         "repeats": ctx.repeats,
         "seed": ns.seed,
+        "schedule": ns.schedule,
         "unit": "ms per synthetic image per iteration",
-        "memory_note": ("torch.cuda.max_memory_allocated over the timed iterations after reset_peak_memory_stats"
+        "memory_note": ("peak_memory_mb = torch.cuda.max_memory_allocated over the warm-up iterations after the "
+                        "first (reset_peak_memory_stats after it) minus the memory allocated before the provider was "
+                        "built: the provider's own peak (model copy, images, optimizer state, activations)"
                         if device.type == "cuda" else
-                        "CPU run: peak_memory_mb is null; cpu_rss_delta_mb is the peak RSS growth sampled every "
-                        "2 ms over the timed iterations (no tracemalloc), indicative only (allocator caching)"),
+                        "CPU run: peak_memory_mb is null (no device memory); cpu_rss_delta_mb is the peak RSS growth "
+                        "sampled every 2 ms over the warm-up iterations after the first (no tracemalloc), indicative "
+                        "only (allocator caching)"),
         "results": results,
         "total_s": time.perf_counter() - t_all,
     }

@@ -220,6 +220,9 @@ def test_main_writes_json_markdown_png(tmp_path, capsys):
     import matplotlib.image
 
     assert matplotlib.image.imread(str(stem.with_suffix(".png"))).ndim == 3
+    (stem.with_suffix(".md")).unlink()
+    assert RS.main(["--render", str(stem.with_suffix(".json"))]) == 0
+    assert "x ref (min)" in (stem.with_suffix(".md")).read_text()
 
 
 def test_bench_cli_dispatch(capsys):
