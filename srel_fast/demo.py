@@ -36,7 +36,9 @@ class DemoConfig:
     iterations: int = 500
     recover_lr: float = 0.1
     r_bn: float = 1.0
-    crop_mode: str = "batch"
+    # One crop per image: on Fashion-MNIST it gave the student 78.8% against 73.8% with the
+    # paper's one crop per batch (same teacher and seed; see README).
+    crop_mode: str = "image"
     backend: str = "auto"
     train_epochs: int = 300
     train_lr: float = 0.01
