@@ -57,7 +57,7 @@ class RecoverConfig:
     device: str = "auto"
     image_format: str = "png"
     on_nonfinite: str = "stop"         # stop the run, or skip the batch and go on
-    check_every: int = 1               # iterations between loss checks (each check syncs the device)
+    check_every: int = 10              # iterations between loss checks (each check syncs the device)
     # The fast path; each switch can be turned off on its own to measure what it brings.
     amp: str = "none"                  # none | bf16 | fp16 autocast of the model (statistics stay fp32)
     channels_last: bool = False
@@ -143,6 +143,9 @@ def resolve_device(name: str) -> torch.device:
 class Recoverer:
     """Holds the frozen model and runs recovery batches.
 
+    It takes the model over: moves it to the device, freezes its parameters and,
+    with ``channels_last``, converts its layout (pass a copy to keep the original).
+
     Use as a context manager: on entry the BN statistics term is attached to
     the model (hooks, or fused BN modules) and the loss is compiled once for
     all batches; on exit the model is restored."""
@@ -165,6 +168,7 @@ class Recoverer:
         # way. It reads the box on the host, so the compiled path uses the kernel instead.
         self.shared_ref = not self.per_image and cfg.backend == "torch" and not cfg.compile
         self._stack = contextlib.ExitStack()
+        self._buffers: dict[int, torch.Tensor] = {}
 
     def __enter__(self) -> "Recoverer":
         self.stats = self._stack.enter_context(bn_matching(self.model, self.cfg.first_bn_multiplier, self.cfg.backend))
@@ -195,42 +199,64 @@ class Recoverer:
         g = torch.Generator().manual_seed(seed)
         return torch.randn((n, self.channels, self.size, self.size), generator=g).to(self.device)
 
+    def batch_images(self, n: int, seed: int) -> torch.Tensor:
+        """The images being optimised, reset to their seeded start. One buffer per
+        batch shape is reused across batches, so a CUDA-graph capture of the step
+        sees the same input address every time (no copy per replay)."""
+        key = n
+        if key not in self._buffers:
+            fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+            buf = torch.empty((n, self.channels, self.size, self.size), device=self.device, memory_format=fmt)
+            if self.cfg.compile and self.cfg.cuda_graphs:
+                torch._dynamo.mark_static_address(buf)
+            self._buffers[key] = buf.requires_grad_(True)
+        x = self._buffers[key]
+        with torch.no_grad():
+            x.copy_(self.initial_images(n, seed))
+        x.grad = None
+        return x
+
+    def step(self, x: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
+             optimizer: torch.optim.Optimizer, it: int):
+        """One recovery iteration on ``x`` in place: lr, crops, loss, backward, Adam, clamp.
+        Returns the (loss, ce, bn) tensors of the images before the update, unsynced."""
+        cfg = self.cfg
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(cfg.lr, it, cfg.iterations)
+        p = draw_crop_params(x.shape[0], self.size, self.size, generator, per_image=self.per_image,
+                             scale=(cfg.min_scale, cfg.max_scale), jitter=cfg.jitter)
+        loss, ce, bn = self.loss_fn(x, targets, p.boxes, p.flip, p.shift)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            x.clamp_(self.lo, self.hi)
+        return loss, ce, bn
+
     def run_batch(self, classes: list[int], ipc_index: int, batch_index: int, on_iteration=None) -> BatchResult:
         cfg = self.cfg
         seed = job_seed(cfg.seed, ipc_index, batch_index)
-        x = self.initial_images(len(classes), seed).requires_grad_(True)
+        x = self.batch_images(len(classes), seed)
         targets = torch.tensor(classes, device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
         start = time.perf_counter()
         last_good, checked_at = x.detach().clone(), 0
-        loss = ce = bn = None
         for it in range(cfg.iterations):
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(cfg.lr, it, cfg.iterations)
-            p = draw_crop_params(x.shape[0], self.size, self.size, gen, per_image=self.per_image,
-                                 scale=(cfg.min_scale, cfg.max_scale), jitter=cfg.jitter)
-            loss, ce, bn = self.loss_fn(x, targets, p.boxes, p.flip, p.shift)
+            loss, ce, bn = self.step(x, targets, gen, opt, it)
             if it % cfg.check_every == 0 or it == cfg.iterations - 1:
-                # A check syncs the device; between checks a divergence is caught late
-                # and the images of the last good check are kept.
+                # A check syncs the device, after the step so that forward and backward
+                # stay queued together; a divergence between checks is caught late and
+                # the images of the last good check are kept.
                 loss_v = loss.item()
-                if not math.isfinite(loss_v):
+                if not (math.isfinite(loss_v) and bool(torch.isfinite(x).all())):
                     return BatchResult(ipc_index, batch_index, classes, ce.item(), bn.item(), loss_v,
                                        time.perf_counter() - start, "nonfinite", checked_at, last_good)
-                last_good, checked_at = x.detach().clone(), it
+                last_good, checked_at = x.detach().clone(), it + 1
                 if on_iteration is not None:
                     on_iteration(it, loss_v)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                torch.maximum(torch.minimum(x, self.hi), self.lo, out=x)
-        if not torch.isfinite(x).all():
-            return BatchResult(ipc_index, batch_index, classes, ce.item(), bn.item(), float("nan"),
-                               time.perf_counter() - start, "nonfinite", checked_at, last_good)
-        return BatchResult(ipc_index, batch_index, classes, ce.item(), bn.item(), loss.item(),
-                           time.perf_counter() - start, "ok", cfg.iterations, x.detach())
+        return BatchResult(ipc_index, batch_index, classes, ce.item(), bn.item(), loss_v,
+                           time.perf_counter() - start, "ok", cfg.iterations, last_good)
 
 
 def _semantic(cfg_dict: dict) -> dict:
