@@ -44,7 +44,6 @@ from srel_fast.bn_matching import ReferenceBNMatching  # noqa: E402
 from srel_fast.data import Normalization  # noqa: E402
 from srel_fast.models import IMAGENET_MEAN_STD, ModelSpec, build_model  # noqa: E402
 from srel_fast.recover import RecoverConfig, Recoverer, cosine_lr  # noqa: E402
-from srel_fast.augment import draw_crop_params  # noqa: E402
 
 from bench.baselines import DMConfig, DMStep, MTTConfig, MTTStep  # noqa: E402
 
@@ -281,8 +280,8 @@ class ReferenceRecovery:
 
 # ----------------------------------------------------------------------------- srel-fast
 class SrelFastRecovery:
-    """srel_fast.recover.Recoverer's iteration, exactly as run_batch does it
-    (loss_fn, the periodic loss check, zero_grad, backward, Adam step, clamp)."""
+    """srel_fast.recover.Recoverer's iteration: Recoverer.step (crops, loss,
+    backward, Adam, clamp) plus run_batch's periodic loss check."""
 
     def __init__(self, model: torch.nn.Module, norm: Normalization, image_size: int, num_classes: int, batch: int,
                  device: torch.device, total_iterations: int, overrides: dict, seed: int = 0):
@@ -295,7 +294,7 @@ class SrelFastRecovery:
         self.rec = Recoverer(model, norm, image_size, 3, self.cfg, device)
         self.rec.__enter__()
         self.size = image_size
-        self.x = self.rec.initial_images(batch, seed).requires_grad_(True)
+        self.x = self.rec.batch_images(batch, seed)
         self.targets = (torch.arange(batch) % num_classes).to(device)
         self.gen = torch.Generator(device=device).manual_seed(seed + 1)
         self.optimizer = torch.optim.Adam([self.x], lr=self.cfg.lr, betas=(0.5, 0.9), eps=1e-8)
@@ -306,19 +305,9 @@ class SrelFastRecovery:
         return {k: getattr(self.cfg, k) for k in keys}
 
     def step(self, it: int) -> torch.Tensor:
-        cfg, rec = self.cfg, self.rec
-        for group in self.optimizer.param_groups:
-            group["lr"] = cosine_lr(cfg.lr, it, cfg.iterations)
-        p = draw_crop_params(self.x.shape[0], self.size, self.size, self.gen, per_image=rec.per_image,
-                             scale=(cfg.min_scale, cfg.max_scale), jitter=cfg.jitter)
-        loss, _, _ = rec.loss_fn(self.x, self.targets, p.boxes, p.flip, p.shift)
-        if it % cfg.check_every == 0 or it == cfg.iterations - 1:
+        loss, _, _ = self.rec.step(self.x, self.targets, self.gen, self.optimizer, it)
+        if it % self.cfg.check_every == 0 or it == self.cfg.iterations - 1:
             math.isfinite(loss.item())  # run_batch's check (a device sync)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            torch.maximum(torch.minimum(self.x, rec.hi), rec.lo, out=self.x)
         return loss.detach()
 
     def close(self) -> None:
@@ -856,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mtt-syn-steps", type=int, default=None)
     ap.add_argument("--mtt-batch-syn", type=int, default=None)
     ap.add_argument("--dm-batch-real", type=int, default=None)
-    ap.add_argument("--check-every", type=int, default=1, help="srel-fast loss check interval (run_batch's check_every)")
+    ap.add_argument("--check-every", type=int, default=10, help="srel-fast loss check interval (run_batch's check_every)")
     ap.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved",
                     help="interleaved: time all providers in rounds of one iteration each (default; fair on a "
                          "shared machine); sequential: one provider at a time, alone")

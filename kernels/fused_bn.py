@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._backend import check_backend
-from .bn_stat_loss import (_dims, backward_impl, bn_stat_loss_from_moments, forward_impl, moment_coeffs, new_like)
+from .bn_stat_loss import _dims, bn_stat_loss_from_moments, forward_impl, moment_coeffs, new_like
 
 __all__ = ["fused_batch_norm_stat", "fused_batch_norm_stat_reference", "FusedBatchNormStat", "BNStatMatching",
            "bn_stat_matching"]
