@@ -21,8 +21,9 @@ from .models import bn_layers
 
 
 class _ReferenceBNHook:
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, owner: "ReferenceBNMatching"):
         self.loss: torch.Tensor | None = None
+        self.owner = owner
         self.handle = module.register_forward_hook(self.hook)
 
     def hook(self, module, inputs, output):
@@ -31,15 +32,22 @@ class _ReferenceBNHook:
             x = x.float()
         nch = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dims)
-        var = x.transpose(0, 1).contiguous().reshape(nch, -1).var(1, unbiased=False)
-        self.loss = torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - mean, 2)
+        loss = 0
+        for xg in x.chunk(self.owner.groups, dim=0):  # independent batches stacked along N
+            mean = xg.mean(dims)
+            var = xg.transpose(0, 1).contiguous().reshape(nch, -1).var(1, unbiased=False)
+            loss = loss + torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - mean, 2)
+        self.loss = loss
 
 
 class ReferenceBNMatching:
-    def __init__(self, model: nn.Module, first_bn_multiplier: float):
-        self.hooks = [_ReferenceBNHook(m) for m in bn_layers(model)]
+    def __init__(self, model: nn.Module, first_bn_multiplier: float, groups: int = 1):
+        self.groups = groups
+        self.hooks = [_ReferenceBNHook(m, self) for m in bn_layers(model)]
         self.weights = [first_bn_multiplier] + [1.0] * (len(self.hooks) - 1)
+
+    def set_groups(self, groups: int) -> None:
+        self.groups = groups
 
     def loss(self) -> torch.Tensor:
         return sum(w * h.loss for w, h in zip(self.weights, self.hooks))
@@ -52,7 +60,8 @@ class ReferenceBNMatching:
 @contextlib.contextmanager
 def bn_matching(model: nn.Module, first_bn_multiplier: float = 10.0, backend: str = "torch") -> Iterator:
     """Context in which ``model``'s forward records the BN statistics term;
-    ``.loss()`` of the yielded object returns it for the last forward."""
+    ``.loss()`` of the yielded object returns it for the last forward, summed
+    over the independent batches stacked along N (``set_groups(g)``)."""
     if backend == "torch":
         ref = ReferenceBNMatching(model, first_bn_multiplier)
         try:
@@ -63,4 +72,9 @@ def bn_matching(model: nn.Module, first_bn_multiplier: float = 10.0, backend: st
         from srel_fast.kernels import bn_stat_matching
 
         with bn_stat_matching(model, first_bn_multiplier=first_bn_multiplier, backend=backend) as stats:
+            def set_groups(groups: int) -> None:
+                for layer in stats.layers:
+                    layer.groups = groups
+
+            stats.set_groups = set_groups
             yield stats

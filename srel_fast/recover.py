@@ -63,6 +63,7 @@ class RecoverConfig:
     channels_last: bool = False
     compile: bool = False              # torch.compile of the loss (model, BN term, augmentation)
     cuda_graphs: bool = False          # with compile: mode="reduce-overhead" (CUDA graphs)
+    group_batches: int = 1             # recovery batches stacked into one launch (BN statistics per batch)
     overwrite: bool = False
     num_classes: int | None = None     # for --arch without a checkpoint
     image_size: int | None = None      # for --arch without a checkpoint
@@ -115,6 +116,8 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"--on-nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}.")
     if cfg.amp not in ("none", "bf16", "fp16"):
         raise UserError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}.")
+    if cfg.group_batches <= 0:
+        raise UserError(f"--group-batches must be positive, got {cfg.group_batches}.")
     if cfg.check_every <= 0:
         raise UserError(f"--check-every must be positive, got {cfg.check_every}.")
 
@@ -166,7 +169,9 @@ class Recoverer:
         self.per_image = cfg.crop_mode == "image"
         # One batch-wide crop through a single slice + interpolate: the original code's
         # way. It reads the box on the host, so the compiled path uses the kernel instead.
-        self.shared_ref = not self.per_image and cfg.backend == "torch" and not cfg.compile
+        self.shared_ref = (not self.per_image and cfg.backend == "torch" and not cfg.compile
+                           and cfg.group_batches == 1)
+        self.group_size = 0  # images per recovery batch when several batches share a launch
         self._stack = contextlib.ExitStack()
         self._buffers: dict[int, torch.Tensor] = {}
 
@@ -190,7 +195,11 @@ class Recoverer:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = self.model(x_aug)
-        ce = F.cross_entropy(logits.float(), targets)
+        if self.group_size:
+            # Stacked independent batches: the sum of their objectives (mean CE per batch).
+            ce = F.cross_entropy(logits.float(), targets, reduction="sum") / self.group_size
+        else:
+            ce = F.cross_entropy(logits.float(), targets)
         bn = self.stats.loss()
         return ce + cfg.r_bn * bn, ce, bn
 
@@ -199,7 +208,7 @@ class Recoverer:
         g = torch.Generator().manual_seed(seed)
         return torch.randn((n, self.channels, self.size, self.size), generator=g).to(self.device)
 
-    def batch_images(self, n: int, seed: int) -> torch.Tensor:
+    def batch_images(self, n: int, seed) -> torch.Tensor:
         """The images being optimised, reset to their seeded start. One buffer per
         batch shape is reused across batches, so a CUDA-graph capture of the step
         sees the same input address every time (no copy per replay)."""
@@ -211,20 +220,32 @@ class Recoverer:
                 torch._dynamo.mark_static_address(buf)
             self._buffers[key] = buf.requires_grad_(True)
         x = self._buffers[key]
+        seeds = seed if isinstance(seed, (list, tuple)) else [seed]
         with torch.no_grad():
-            x.copy_(self.initial_images(n, seed))
+            x.copy_(torch.cat([self.initial_images(n // len(seeds), s) for s in seeds]))
         x.grad = None
         return x
 
-    def step(self, x: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
-             optimizer: torch.optim.Optimizer, it: int):
+    def _crop_params(self, n: int, generators: list[torch.Generator]) -> CropParams:
+        cfg = self.cfg
+        per = n // len(generators)
+        ps = [draw_crop_params(per, self.size, self.size, g, per_image=self.per_image,
+                               scale=(cfg.min_scale, cfg.max_scale), jitter=cfg.jitter) for g in generators]
+        if len(ps) == 1:
+            return ps[0]
+        return CropParams(torch.cat([p.boxes for p in ps]), torch.cat([p.flip for p in ps]),
+                          None if ps[0].shift is None else torch.cat([p.shift for p in ps]))
+
+    def step(self, x: torch.Tensor, targets: torch.Tensor, generators, optimizer: torch.optim.Optimizer, it: int):
         """One recovery iteration on ``x`` in place: lr, crops, loss, backward, Adam, clamp.
-        Returns the (loss, ce, bn) tensors of the images before the update, unsynced."""
+        ``generators`` is one generator, or one per batch stacked in ``x`` (each batch
+        draws its crops from its own, so stacking does not change them). Returns the
+        (loss, ce, bn) tensors of the images before the update, unsynced."""
         cfg = self.cfg
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(cfg.lr, it, cfg.iterations)
-        p = draw_crop_params(x.shape[0], self.size, self.size, generator, per_image=self.per_image,
-                             scale=(cfg.min_scale, cfg.max_scale), jitter=cfg.jitter)
+        gens = generators if isinstance(generators, (list, tuple)) else [generators]
+        p = self._crop_params(x.shape[0], gens)
         loss, ce, bn = self.loss_fn(x, targets, p.boxes, p.flip, p.shift)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -234,29 +255,50 @@ class Recoverer:
         return loss, ce, bn
 
     def run_batch(self, classes: list[int], ipc_index: int, batch_index: int, on_iteration=None) -> BatchResult:
+        return self.run_group([(classes, ipc_index, batch_index)], on_iteration)[0]
+
+    def run_group(self, jobs: list[tuple[list[int], int, int]], on_iteration=None) -> list[BatchResult]:
+        """Recover several batches (classes, ipc index, batch index) of equal size in one
+        stacked tensor. Adam and the clamp act per element and the BN term is computed
+        per batch, so each batch follows its own objective; only the float rounding of
+        the stacked convolutions may differ from running it alone. A group that meets
+        a non-finite loss is re-run batch by batch, so only the diverging batch fails."""
         cfg = self.cfg
-        seed = job_seed(cfg.seed, ipc_index, batch_index)
-        x = self.batch_images(len(classes), seed)
-        targets = torch.tensor(classes, device=self.device)
-        gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        g, per = len(jobs), len(jobs[0][0])
+        seeds = [job_seed(cfg.seed, i, b) for _, i, b in jobs]
+        x = self.batch_images(g * per, seeds)
+        targets = torch.tensor([c for classes, _, _ in jobs for c in classes], device=self.device)
+        gens = [torch.Generator(device=self.device).manual_seed(s + 1) for s in seeds]
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
+        self.group_size = per if g > 1 else 0
+        self.stats.set_groups(g)
         start = time.perf_counter()
         last_good, checked_at = x.detach().clone(), 0
-        for it in range(cfg.iterations):
-            loss, ce, bn = self.step(x, targets, gen, opt, it)
-            if it % cfg.check_every == 0 or it == cfg.iterations - 1:
-                # A check syncs the device, after the step so that forward and backward
-                # stay queued together; a divergence between checks is caught late and
-                # the images of the last good check are kept.
-                loss_v = loss.item()
-                if not (math.isfinite(loss_v) and bool(torch.isfinite(x).all())):
-                    return BatchResult(ipc_index, batch_index, classes, ce.item(), bn.item(), loss_v,
-                                       time.perf_counter() - start, "nonfinite", checked_at, last_good)
-                last_good, checked_at = x.detach().clone(), it + 1
-                if on_iteration is not None:
-                    on_iteration(it, loss_v)
-        return BatchResult(ipc_index, batch_index, classes, ce.item(), bn.item(), loss_v,
-                           time.perf_counter() - start, "ok", cfg.iterations, last_good)
+        try:
+            for it in range(cfg.iterations):
+                loss, ce, bn = self.step(x, targets, gens, opt, it)
+                if it % cfg.check_every == 0 or it == cfg.iterations - 1:
+                    # A check syncs the device, after the step so that forward and backward
+                    # stay queued together; a divergence between checks is caught late and
+                    # the images of the last good check are kept.
+                    loss_v = loss.item()
+                    if not (math.isfinite(loss_v) and bool(torch.isfinite(x).all())):
+                        if g > 1:
+                            return [self.run_group([job], on_iteration)[0] for job in jobs]
+                        return [BatchResult(jobs[0][1], jobs[0][2], jobs[0][0], ce.item(), bn.item(), loss_v,
+                                            time.perf_counter() - start, "nonfinite", checked_at, last_good)]
+                    last_good, checked_at = x.detach().clone(), it + 1
+                    if on_iteration is not None:
+                        on_iteration(it, loss_v)
+        finally:
+            self.group_size = 0
+            self.stats.set_groups(1)
+        seconds = time.perf_counter() - start
+        # With several batches the final losses are those of the whole group, divided
+        # evenly (the BN term is not split per batch by the kernels).
+        return [BatchResult(i, b, classes, ce.item() / g, bn.item() / g, loss_v / g, seconds / g, "ok",
+                            cfg.iterations, last_good[k * per:(k + 1) * per])
+                for k, (classes, i, b) in enumerate(jobs)]
 
 
 def _semantic(cfg_dict: dict) -> dict:
@@ -330,7 +372,17 @@ def _run_jobs(cfg: RecoverConfig, record: dict, recoverer: Recoverer, norm: Norm
               world: int) -> dict:
     batches = class_batches(spec.num_classes, cfg.batch_size)
     jobs = [(i, b) for i in range(cfg.ipc_start, cfg.ipc_end) for b in range(len(batches))]
-    jobs = jobs[rank::world]
+    # Launches: up to group_batches consecutive jobs of equal size stacked together. The
+    # grouping depends only on the config and the ipc range, so a resumed or sharded run
+    # stacks (and rounds) every batch exactly as an uninterrupted one.
+    launches: list[list[tuple[int, int]]] = []
+    for i, b in jobs:
+        last = launches[-1] if launches else None
+        if last and len(last) < cfg.group_batches and len(batches[last[0][1]]) == len(batches[b]):
+            last.append((i, b))
+        else:
+            launches.append([(i, b)])
+    launches = launches[rank::world]
     progress_path = os.path.join(cfg.out, f"progress.rank{rank}.jsonl" if world > 1 else "progress.jsonl")
     done = {(r["ipc_index"], r["batch_index"]) for r in read_jsonl(progress_path) if r["status"] == "ok"}
 
@@ -338,31 +390,37 @@ def _run_jobs(cfg: RecoverConfig, record: dict, recoverer: Recoverer, norm: Norm
         return (i, b) in done and all(
             os.path.exists(image_path(cfg.out, c, i, cfg.image_format)) for c in batches[b])
 
-    todo = [(i, b) for (i, b) in jobs if not complete(i, b)]
-    bar = _progress_bar(cfg, len(todo) * cfg.iterations, f"recover ({len(jobs) - len(todo)} of {len(jobs)} batches done)")
+    todo = [launch for launch in launches if not all(complete(i, b) for i, b in launch)]
+    n_jobs, n_todo = sum(map(len, launches)), sum(map(len, todo))
+    bar = _progress_bar(cfg, len(todo) * cfg.iterations, f"recover ({n_jobs - n_todo} of {n_jobs} batches done)")
     failed = []
-    for i, b in todo:
+    for launch in todo:
+        where = ", ".join(f"ipc {i} batch {b}" for i, b in launch)
+
         def tick(it, loss, bar=bar, state={"shown": 0}):
             if bar is not None:
                 bar.update(it + 1 - state["shown"])
                 state["shown"] = it + 1
-                bar.set_postfix(ipc=i, batch=b, loss=f"{loss:.3f}")
-        result = recoverer.run_batch(batches[b], i, b, tick)
-        entry = {k: v for k, v in dataclasses.asdict(result).items() if k != "images"}
-        if result.status != "ok":
-            failed.append(entry)
-            _save_batch(cfg, norm, result, os.path.join(cfg.out, "failed", f"ipc{i:05d}_batch{b:05d}"))
+                bar.set_postfix_str(f"{where}, loss {loss:.3f}")
+        results = recoverer.run_group([(batches[b], i, b) for i, b in launch], tick)
+        for result in results:
+            i, b = result.ipc_index, result.batch_index
+            entry = {k: v for k, v in dataclasses.asdict(result).items() if k != "images"}
+            entry["group_batches"] = len(launch)
+            if result.status != "ok":
+                failed.append(entry)
+                _save_batch(cfg, norm, result, os.path.join(cfg.out, "failed", f"ipc{i:05d}_batch{b:05d}"))
+                append_jsonl(progress_path, entry)
+                msg = (f"recovery batch (ipc {i}, batch {b}) became non-finite after iteration "
+                       f"{result.iterations_done}; its last finite images are in {cfg.out}/failed/")
+                if cfg.on_nonfinite == "stop":
+                    if bar is not None:
+                        bar.close()
+                    raise NonFiniteLoss(msg + "; lower --lr or --r-bn.")
+                print("warning: " + msg + "; going on with the other batches.", file=sys.stderr)
+                continue
+            _save_batch(cfg, norm, result, None)
             append_jsonl(progress_path, entry)
-            msg = (f"recovery batch (ipc {i}, batch {b}) became non-finite after iteration "
-                   f"{result.iterations_done}; its last finite images are in {cfg.out}/failed/")
-            if cfg.on_nonfinite == "stop":
-                if bar is not None:
-                    bar.close()
-                raise NonFiniteLoss(msg + "; lower --lr or --r-bn.")
-            print("warning: " + msg + "; going on with the other batches.", file=sys.stderr)
-            continue
-        _save_batch(cfg, norm, result, None)
-        append_jsonl(progress_path, entry)
     if bar is not None:
         bar.close()
     return write_manifest(cfg, record, failed)
