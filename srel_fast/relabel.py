@@ -356,14 +356,17 @@ def run_relabel(cfg: RelabelConfig) -> dict:
         "full_fp16_bytes": full_bytes, "reference_bytes": ref["total"], "reference_breakdown": ref,
         "compression": full_bytes / max(1, store_bytes),
         "compression_vs_reference": ref["total"] / max(1, store_bytes),
+        "payload_compression": full_bytes / max(1, payload),
+        "payload_compression_vs_reference": ref["total"] / max(1, payload),
         "seconds": seconds, "world_size": world,
     }
     if _dist.is_main():
         write_json(os.path.join(cfg.out, "relabel_results.json"), {"config": dataclasses.asdict(cfg), "results": results})
         kind = f"top-{cfg.topk} {cfg.topk_mode}" if cfg.topk else "full fp16 logits"
         _dist.main_print(
-            f"relabel: store ({kind}) {human_bytes(store_bytes)} in {results['store_files']} files; "
-            f"full fp16 logits {human_bytes(full_bytes)} ({results['compression']:.1f}x); reference format "
+            f"relabel: store ({kind}): {human_bytes(payload)} of label arrays ({results['bytes_per_crop']:.1f} B per crop), "
+            f"{human_bytes(store_bytes)} on disk in {results['store_files']} files; full fp16 logits "
+            f"{human_bytes(full_bytes)} ({results['payload_compression']:.1f}x the arrays); reference format "
             f"(fp16 logits + crop/flip/CutMix parameters) {human_bytes(ref['total'])} "
-            f"({results['compression_vs_reference']:.1f}x)")
+            f"({results['payload_compression_vs_reference']:.1f}x)")
     return results
