@@ -265,10 +265,15 @@ def run_continual(cfg: ContinualConfig) -> dict:
     return {"results": results, "markdown": md, "seconds": out["seconds"]}
 
 
+def _ordered(by_mode: dict) -> list:
+    """(mode, accuracies) in MODES order (JSON files may hold them sorted)."""
+    return [(m, by_mode[m]) for m in MODES if m in by_mode] + [(m, v) for m, v in by_mode.items() if m not in MODES]
+
+
 def continual_markdown(res: dict) -> str:
     lines = []
     ipc = res.get("memory_per_class")
-    for steps, by_mode in res["results"].items():
+    for steps, by_mode in sorted(res["results"].items(), key=lambda kv: int(kv[0])):
         splits = res.get("splits", {}).get(steps)
         n = max(len(v) for v in by_mode.values())
         head = [f"step {s + 1}" + (f" ({len(seen_classes(splits, s))} cl.)" if splits else "") for s in range(n)]
@@ -277,7 +282,7 @@ def continual_markdown(res: dict) -> str:
         lines.append("")
         lines.append("| memory | " + " | ".join(head) + " |")
         lines.append("|---|" + "---|" * n)
-        for mode, accs in by_mode.items():
+        for mode, accs in _ordered(by_mode):
             cells = [f"{a:.2f}" for a in accs] + [""] * (n - len(accs))
             lines.append(f"| {MODE_NAMES.get(mode, mode)} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -292,9 +297,9 @@ def plot_continual(res: dict, path: str) -> None:
 
     runs = res["results"]
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
-    for ax, (steps, by_mode) in zip(axes[0], runs.items()):
+    for ax, (steps, by_mode) in zip(axes[0], sorted(runs.items(), key=lambda kv: int(kv[0]))):
         splits = res.get("splits", {}).get(steps)
-        for mode, accs in by_mode.items():
+        for mode, accs in _ordered(by_mode):
             xs = [len(seen_classes(splits, s)) if splits else s + 1 for s in range(len(accs))]
             ax.plot(xs, accs, marker="o", label=MODE_NAMES.get(mode, mode))
         ax.set_xlabel("classes seen" if splits else "step")

@@ -7,8 +7,9 @@ demo) and ``continual_results.json`` (srel-fast continual).
 
 - train results form the cross-architecture table: one row per recovery model
   / synthetic set, one column per student arch, values = test top-1 (%).
-  The row is named after the recovery model and IPC read from the synthetic
-  set's recover_config.json when it is still on disk, else after the
+  The row is named after the recovery model, IPC and the recovery model's
+  own test top-1, read from the synthetic set's recover_config.json when it
+  is still on disk, else after the
   synthetic directory's name (a leading ``syn-`` dropped); hard-label runs get
   ", hard labels". When one (row, column) appears twice, the later file (in
   sorted path order) wins and the report says so.
@@ -73,7 +74,8 @@ def _syn_row(cfg: dict) -> str:
     rec = os.path.join(syn, "recover_config.json") if syn else ""
     if rec and os.path.exists(rec):
         r = read_json(rec)
-        name = f"{r['model']['arch']} (IPC {r['config']['ipc']})"
+        acc = r.get("teacher_test_accuracy")
+        name = f"{r['model']['arch']} (IPC {r['config']['ipc']}" + (f", teacher {acc:.1f}%)" if acc is not None else ")")
     else:
         name = os.path.basename(os.path.normpath(syn)) or "synthetic"
         if name.startswith("syn-"):
@@ -144,7 +146,7 @@ def plot(data: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .continual import MODE_NAMES, seen_classes
+    from .continual import MODE_NAMES, _ordered, seen_classes
 
     panels = (1 if data["rows"] else 0) + sum(len(r["results"]) for r in data["continual"])
     fig, axes = plt.subplots(1, max(1, panels), figsize=(6 * max(1, panels), 4), squeeze=False)
@@ -164,10 +166,10 @@ def plot(data: dict, path: str) -> None:
         ax.legend(fontsize=7, title="student", title_fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     for res in data["continual"]:
-        for steps, by_mode in res["results"].items():
+        for steps, by_mode in sorted(res["results"].items(), key=lambda kv: int(kv[0])):
             ax = axes.pop(0)
             splits = res.get("splits", {}).get(steps)
-            for mode, accs in by_mode.items():
+            for mode, accs in _ordered(by_mode):
                 xs = [len(seen_classes(splits, s)) if splits else s + 1 for s in range(len(accs))]
                 ax.plot(xs, accs, marker="o", label=MODE_NAMES.get(mode, mode))
             ax.set_xlabel("classes seen")

@@ -36,7 +36,8 @@ def test_report_table(tmp_path, capsys):
 def test_report_reads_recover_config_and_continual(tmp_path):
     syn = tmp_path / "mysyn"
     syn.mkdir()
-    (syn / "recover_config.json").write_text(json.dumps({"model": {"arch": "resnet18-small"}, "config": {"ipc": 10}}))
+    (syn / "recover_config.json").write_text(json.dumps({"model": {"arch": "resnet18-small"}, "config": {"ipc": 10},
+                                                      "teacher_test_accuracy": 80.123}))
     _train_result(tmp_path / "r" / "x", str(syn), "convnet3", 42.0)
     (tmp_path / "r" / "cl").mkdir()
     (tmp_path / "r" / "cl" / "continual_results.json").write_text(json.dumps({
@@ -45,7 +46,7 @@ def test_report_reads_recover_config_and_continual(tmp_path):
     out = tmp_path / "t.md"
     assert main(["report", "--inputs", str(tmp_path / "r"), "--out", str(out)]) == 0
     md = out.read_text()
-    assert "| resnet18-small (IPC 10) | 42.00 |" in md
+    assert "| resnet18-small (IPC 10, teacher 80.1%) | 42.00 |" in md
     assert "| srel-fast synthetic, soft labels | 100.00 | 90.00 |" in md
     assert "| random real, hard labels (GDumb) | 100.00 | 80.00 |" in md
 
