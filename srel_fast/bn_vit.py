@@ -27,7 +27,10 @@ Variants (``ModelSpec.arch``):
   Tiny-ImageNet, digits). Patch 4 (patch 2 below 16 px, e.g. 8x8 digits),
   dim 96, depth 4, heads 3 (head dim 32), MLP ratio 4, cls token, learned
   position embedding. On 28x28 Fashion-MNIST: 49 + 1 tokens, 0.46 M
-  parameters, about 24 MFLOPs per image forward.
+  parameters, about 24 MFLOPs per image forward; on the shared 2-core CPU
+  box one epoch over 6,000 images (batch 128) took 30 to 90 s, and 3 epochs
+  of AdamW (lr 2e-3, wd 0.05) reach 48.9 % Fashion-MNIST test top-1, 10
+  epochs 70.9 % (docs/results).
 
 ``ModelSpec.width`` is not used by either variant (it is a ConvNet knob).
 Weights are initialised like DeiT/timm (truncated normal, std 0.02, for the
