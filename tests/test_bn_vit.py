@@ -75,7 +75,7 @@ def vit_teacher(tmp_path_factory):
     from srel_fast.squeeze import SqueezeConfig, run_squeeze
 
     path = str(tmp_path_factory.mktemp("vit") / "bn_vit.pt")
-    run_squeeze(SqueezeConfig(data="digits", out=path, arch="bn-vit-tiny-small", epochs=1, batch_size=64,
+    run_squeeze(SqueezeConfig(data="digits", out=path, arch="bn-vit-tiny-small", epochs=1, batch_size=128,
                               optimizer="adamw", lr=2e-3, weight_decay=0.05, min_scale=0.5, device="cpu",
                               progress=False))
     return path
