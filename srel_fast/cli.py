@@ -11,6 +11,7 @@ import os
 import sys
 import typing
 
+from .distributed import is_main
 from .errors import UserError
 
 HELP = {
@@ -137,13 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("srel-fast: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
-    if isinstance(result, dict):
+    if not isinstance(result, dict):
+        return 0
+    main_rank = is_main()  # under torchrun, rank 0 alone prints the summary
+    if main_rank:
         print(json.dumps({k: v for k, v in result.items() if k != "batches"}, indent=2, default=str))
-        failed = result.get("failed_batches")
-        if failed:
+    failed = result.get("failed_batches")
+    if failed:
+        if main_rank:
             names = ", ".join(f"(ipc {e['ipc_index']}, batch {e['batch_index']})" for e in failed)
             print(f"srel-fast: {len(failed)} recovery batches failed with a non-finite loss: {names}.", file=sys.stderr)
-            return 1
+        return 1
     return 0
 
 
