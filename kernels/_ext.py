@@ -76,6 +76,7 @@ def _load() -> bool:
         _state["error"] = f"not prebuilt ({prebuilt_error}) and SREL_FAST_JIT=0"
         return False
     try:  # 2. JIT
+        _quiet_cpp_extension_import()
         from torch.utils.cpp_extension import load
 
         with_cuda = _cuda_buildable()
