@@ -115,6 +115,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .errors import UserError
+
 __all__ = [
     "LoaderConfig",
     "ImageLoader",
@@ -131,8 +133,9 @@ DALI_INSTALL_HINT = (
 )
 
 
-class CorruptImageError(RuntimeError):
-    """An image file in the data tree cannot be decoded. ``paths`` lists the offending files."""
+class CorruptImageError(UserError, RuntimeError):
+    """An image file in the data tree cannot be decoded. ``paths`` lists the offending files.
+    A UserError, so the CLI reports it as one sentence naming the file."""
 
     def __init__(self, message: str, paths: Sequence[str] = ()):
         super().__init__(message)

@@ -163,3 +163,47 @@ def test_skip_mode_reports_failed_batches_and_exits_nonzero(digits_teacher, tmp_
     code, err = run_cli(["recover", "--weights", digits_teacher[0], "--ipc", 1, "--iterations", 2, "--r-bn", 1e38,
                          "--on-nonfinite", "skip", "--device", "cpu", "--no-progress", "--out", tmp_path / "s"], capsys)
     assert code == 1 and "(ipc 0, batch 0)" in err
+
+
+@pytest.fixture()
+def small_jpeg_tree(tmp_path):
+    from srel_fast.jpeg_tree import make_fashion_mnist_jpeg_tree
+
+    root = tmp_path / "tree"
+    make_fashion_mnist_jpeg_tree(root, per_class=4, split="test")
+    return root
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_corrupt_image_in_data_tree_is_named(small_jpeg_tree, tmp_path, capsys, loader):
+    from srel_fast.loaders import dali_available
+
+    if loader == "dali" and not dali_available():
+        pytest.skip("NVIDIA DALI is not installed")
+    first_class = sorted(os.listdir(small_jpeg_tree))[0]
+    bad = small_jpeg_tree / first_class / sorted(os.listdir(small_jpeg_tree / first_class))[0]
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    code, err = run_cli(["squeeze", "--data", small_jpeg_tree, "--arch", "convnet3", "--width", 4, "--epochs", 1,
+                         "--batch-size", 8, "--image-size", 16, "--loader", loader, "--num-workers", 1,
+                         "--device", "cpu", "--no-progress", "--out", tmp_path / "t.pt"], capsys)
+    assert code == 2 and "Traceback" not in err and bad.name in err
+    assert not os.path.exists(tmp_path / "t.pt")
+
+
+def test_empty_class_folder_refused(small_jpeg_tree, tmp_path, capsys):
+    (small_jpeg_tree / "zz-empty").mkdir()
+    code, err = run_cli(["squeeze", "--data", small_jpeg_tree, "--epochs", 1, "--out", tmp_path / "t.pt"], capsys)
+    assert code == 2 and "zz-empty" in err and "is empty" in err and not os.listdir(tmp_path / "tree" / "zz-empty")
+    assert not os.path.exists(tmp_path / "t.pt")
+
+
+@pytest.mark.parametrize("args,msg", [(["--batch-size", 0], "--batch-size"), (["--epochs", 0], "--epochs")])
+def test_bad_ranges_at_the_cli(tmp_path, capsys, args, msg):
+    code, err = run_cli(["squeeze", "--data", "digits", "--out", tmp_path / "t.pt", *args], capsys)
+    assert code == 2 and msg in err and not os.listdir(tmp_path)
+
+
+def test_recover_batch_size_zero(digits_teacher, tmp_path, capsys):
+    code, err = run_cli(["recover", "--weights", digits_teacher[0], "--ipc", 1, "--batch-size", 0, "--out", tmp_path / "s"],
+                        capsys)
+    assert code == 2 and "--batch-size" in err and not os.path.exists(tmp_path / "s")
