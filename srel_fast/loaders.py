@@ -107,6 +107,7 @@ want to clean a tree up-front.
 
 from __future__ import annotations
 
+import abc
 import math
 import os
 import random
@@ -268,7 +269,7 @@ def _resolve_device(device: str) -> torch.device:
 # the loader
 # -----------------------------------------------------------------------------
 
-class ImageLoader:
+class ImageLoader(abc.ABC):
     """Iterable over epochs yielding ``(images, labels)``; see the module docstring."""
 
     backend: str = ""
@@ -319,8 +320,9 @@ class ImageLoader:
         self.epoch += 1
         return self._iter_epoch(epoch)
 
-    def _iter_epoch(self, epoch: int):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _iter_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield one epoch's batches; each back-end implements it."""
 
     def close(self) -> None:
         """Release worker processes/threads held between epochs (no-op when none)."""
