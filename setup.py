@@ -39,7 +39,7 @@ if os.environ.get("SREL_FAST_BUILD_EXT", "1") != "0":
             ext = CUDAExtension(
                 "srel_fast._C",
                 cpp + cu,
-                extra_compile_args={"cxx": cxx + ["-DSREL_FAST_WITH_CUDA"], "nvcc": ["-O3", "--use_fast_math", "-DSREL_FAST_WITH_CUDA"]},
+                extra_compile_args={"cxx": cxx + ["-DSREL_FAST_WITH_CUDA"], "nvcc": ["-O3", "-DSREL_FAST_WITH_CUDA"]},
                 extra_link_args=["-fopenmp"],
             )
         else:

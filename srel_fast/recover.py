@@ -174,12 +174,32 @@ class Recoverer:
         self.group_size = 0  # images per recovery batch when several batches share a launch
         self._stack = contextlib.ExitStack()
         self._buffers: dict[int, torch.Tensor] = {}
+        self.cuda_graphs = self.graphs_enabled(cfg, device)
+        # fp16 autocast needs loss scaling: the BN-term input gradients of the large early
+        # layers are ~1e-8 at r_bn 0.01, under fp16's smallest subnormal (6e-8), and would
+        # flush to zero. bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16) if cfg.amp == "fp16" else None
+
+    @staticmethod
+    def graphs_enabled(cfg: RecoverConfig, device: torch.device) -> bool:
+        """Whether the compiled step runs as CUDA graphs (mode reduce-overhead).
+
+        A graph replays a capture, so nothing in the step may read a device value on
+        the host. The plain-PyTorch crop (backend torch) slices every image with box
+        sizes read on the host: it cannot be captured, so graphs are off there."""
+        if not (cfg.cuda_graphs and cfg.compile and device.type == "cuda"):
+            return False
+        if cfg.backend == "torch":
+            print("warning: --cuda-graphs is off with --backend torch (its per-image crops read box sizes on "
+                  "the host, which a CUDA graph cannot capture); use --backend auto for graphs.", file=sys.stderr)
+            return False
+        return True
 
     def __enter__(self) -> "Recoverer":
         self.stats = self._stack.enter_context(bn_matching(self.model, self.cfg.first_bn_multiplier, self.cfg.backend))
         self.loss_fn = self._loss
         if self.cfg.compile:
-            mode = "reduce-overhead" if self.cfg.cuda_graphs else "default"
+            mode = "reduce-overhead" if self.cuda_graphs else "default"
             self.loss_fn = torch.compile(self._loss, mode=mode, dynamic=False)
         return self
 
@@ -216,7 +236,7 @@ class Recoverer:
         if key not in self._buffers:
             fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
             buf = torch.empty((n, self.channels, self.size, self.size), device=self.device, memory_format=fmt)
-            if self.cfg.compile and self.cfg.cuda_graphs:
+            if self.cuda_graphs:
                 torch._dynamo.mark_static_address(buf)
             self._buffers[key] = buf.requires_grad_(True)
         x = self._buffers[key]
@@ -248,8 +268,13 @@ class Recoverer:
         p = self._crop_params(x.shape[0], gens)
         loss, ce, bn = self.loss_fn(x, targets, p.boxes, p.flip, p.shift)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # scaled backward; the step unscales x.grad and skips a step whose gradient overflowed
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
         with torch.no_grad():
             x.clamp_(self.lo, self.hi)
         return loss, ce, bn

@@ -253,6 +253,8 @@ def test_compile_fullgraph(backend):
 def _nvcc_flags():
     from torch.utils import cpp_extension as ce
 
+    from srel_fast.kernels import _ext
+
     try:
         incs = ce.include_paths(device_type="cuda")
     except TypeError:  # older torch
@@ -271,7 +273,7 @@ def _nvcc_flags():
         pass
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [f"-I{p}" for p in incs] + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *ce.COMMON_NVCC_FLAGS,
-                                       "-O3", "--use_fast_math", "-DSREL_FAST_WITH_CUDA", "-Xcompiler", "-fPIC",
+                                       *_ext.NVCC_FLAGS, "-Xcompiler", "-fPIC",
                                        "-gencode", "arch=compute_90,code=sm_90"]
 
 

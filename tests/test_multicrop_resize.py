@@ -308,7 +308,7 @@ def _nvcc_cmd(out):
                 incs.append(os.path.join(sp, sub))
     src = os.path.join(_ext.csrc_dir(), "multicrop_cuda.cu")
     return [
-        nvcc, "-c", src, "-o", out, "-std=c++20", "-O3", "--use_fast_math", "-DSREL_FAST_WITH_CUDA",
+        nvcc, "-c", src, "-o", out, "-std=c++20", *_ext.NVCC_FLAGS,
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-Xcompiler", "-fPIC",
         "-gencode=arch=compute_90,code=sm_90", "--expt-relaxed-constexpr",
         "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -325,6 +325,25 @@ def test_cuda_source_compiles(tmp_path):
     r = subprocess.run(_nvcc_cmd(str(tmp_path / "mc.o")), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "multicrop_cuda.cu(" not in r.stderr, r.stderr[-4000:]  # no warnings in our file
+
+
+def test_cuda_fp32_division_is_exact(tmp_path):
+    # The tap arithmetic divides (s = h / H_out, candidate ranges); with --use_fast_math
+    # nvcc emits div.approx / div.full (up to 2 ulp), which moves fp32 samples by
+    # ~1e-4 at 224 px. The PTX of the real build flags must divide round-to-nearest.
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or torch.version.cuda is None or not shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        pytest.skip("nvcc or a CUDA build of torch not present")
+    assert "--use_fast_math" not in _ext.NVCC_FLAGS
+    ptx = tmp_path / "mc.ptx"
+    cmd = [("--ptx" if a == "-c" else a) for a in _nvcc_cmd(str(ptx))]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    text = ptx.read_text()
+    assert "div.rn.f32" in text or "div.rn.ftz.f32" in text or "rcp.rn" in text  # fp32 division is present...
+    for approx in ("div.approx.f32", "div.full.f32", "div.approx.ftz.f32", "div.full.ftz.f32"):
+        assert approx not in text, approx  # ...and none of it is approximate
 
 
 _TRITON_COMPILE = r"""

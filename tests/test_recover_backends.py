@@ -75,3 +75,54 @@ def test_grouped_divergence_fails_only_that_batch(digits_teacher, tmp_path):
     m = run_recover(RecoverConfig(out=str(tmp_path / "g"), weights=digits_teacher[0], ipc=1, iterations=3, batch_size=4,
                                   r_bn=1e38, group_batches=2, on_nonfinite="skip", device="cpu", progress=False))
     assert len(m["failed_batches"]) == 3 and all(e["group_batches"] in (1, 2) for e in m["batches"])
+
+
+def _bn_only_model() -> torch.nn.Module:
+    """Conv -> BN -> ReLU -> pool -> Linear with a zero classifier: the cross-entropy
+    gradient w.r.t. the images is exactly zero, so x.grad is the BN term's alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[5].weight.zero_()
+    return model.eval()
+
+
+def _bn_grad(amp: str, backend: str) -> torch.Tensor:
+    import copy
+
+    cfg = RecoverConfig(out="", ipc=1, iterations=10, device="cpu", progress=False, amp=amp, backend=backend,
+                        r_bn=1e-5, crop_mode="image").resolved(64)
+    with Recoverer(copy.deepcopy(_bn_only_model()), Normalization((0.5,) * 3, (0.5,) * 3), 64, 3, cfg,
+                   torch.device("cpu")) as rec:
+        x = rec.batch_images(4, seed=3)
+        opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
+        rec.step(x, torch.arange(4), torch.Generator().manual_seed(1), opt, 0)
+        return x.grad.detach().clone()  # unscaled by the step when a scaler is used
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+def test_fp16_recovery_keeps_tiny_bn_gradients(backend):
+    # At r_bn 1e-5 the BN-term gradient at the conv output is ~1e-9 per element, below
+    # fp16's smallest subnormal: without loss scaling it flushes to zero in fp16.
+    ref = _bn_grad("none", backend)
+    half = _bn_grad("fp16", backend)
+    assert ref.abs().max() > 0
+    cos = torch.nn.functional.cosine_similarity(ref.flatten(), half.flatten(), dim=0)
+    assert cos > 0.99, f"fp16 gradient lost the BN term (cosine {cos:.3f})"
+    assert (half.norm() / ref.norm() - 1).abs() < 0.05
+
+
+def test_cuda_graphs_off_with_torch_backend(capsys):
+    # The torch crop path reads box sizes on the host, which a CUDA graph cannot capture:
+    # graphs must be refused there (decided without a GPU: only the flag logic runs).
+    base = dict(out="", compile=True, cuda_graphs=True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert Recoverer.graphs_enabled(RecoverConfig(**base, backend="auto"), cuda)
+    assert not Recoverer.graphs_enabled(RecoverConfig(**base, backend="auto"), cpu)
+    assert not Recoverer.graphs_enabled(RecoverConfig(out="", cuda_graphs=True, backend="auto"), cuda)  # no compile
+    assert "--cuda-graphs" not in capsys.readouterr().err
+    assert not Recoverer.graphs_enabled(RecoverConfig(**base, backend="torch"), cuda)
+    assert "--cuda-graphs is off with --backend torch" in capsys.readouterr().err
