@@ -167,7 +167,7 @@ class DMConfig:
     ipc: int = 10
     image_size: int = 64
     channels: int = 3
-    depth: int = 4                  # ConvNetD4 at 64x64
+    depth: int = 3                  # get_default_convnet_setting (ConvNetD4: 4)
     width: int = 128
     batch_real: int = 256           # their --batch_real
     real_pool_per_class: int = 500  # Tiny-ImageNet train images per class (their images_all lives on the device)
@@ -178,13 +178,16 @@ class DMConfig:
     seed: int = 0
 
 
-def dm_loss(embed, image_syn: torch.Tensor, real_batches: list[torch.Tensor], ipc: int, classes: list[int],
+def dm_loss(embed, image_syn: torch.Tensor, get_real, ipc: int, classes: list[int],
             generator: torch.Generator | None, dsa: bool = True, strategy: str = DSA_STRATEGY) -> torch.Tensor:
     """sum over ``classes`` of ||mean(embed(A(real_c))) - mean(embed(A(syn_c)))||^2,
-    with one Siamese DSA draw per class shared by real and synthetic images."""
+    with one Siamese DSA draw per class shared by real and synthetic images.
+    ``get_real(c)`` fetches class c's real batch inside the loop, as their code does,
+    so only one class's real batch is alive at a time."""
     loss = image_syn.new_zeros(())
     size_h, size_w = image_syn.shape[2], image_syn.shape[3]
-    for c, img_real in zip(classes, real_batches):
+    for c in classes:
+        img_real = get_real(c)
         img_syn = image_syn[c * ipc:(c + 1) * ipc]
         if dsa:
             d = dsa_draw(1, size_h, size_w, generator, batchmode=True, strategy=strategy)
@@ -230,8 +233,8 @@ class DMStep:
         cfg = self.cfg
         net = self.new_net()  # a fresh random model every iteration
         classes = list(range(cfg.num_classes))
-        reals = [self.get_images(c, cfg.batch_real) for c in classes]
-        loss = dm_loss(net.embed, self.image_syn, reals, cfg.ipc, classes, self.gen, cfg.dsa, cfg.dsa_strategy)
+        loss = dm_loss(net.embed, self.image_syn, lambda c: self.get_images(c, cfg.batch_real), cfg.ipc, classes,
+                       self.gen, cfg.dsa, cfg.dsa_strategy)
         self.optimizer_img.zero_grad()
         loss.backward()
         self.optimizer_img.step()
@@ -241,15 +244,15 @@ class DMStep:
 # ---------------------------------------------------------------------------- MTT
 @dataclass
 class MTTConfig:
-    """Their Tiny-ImageNet IPC 10 command: --syn_steps=20 --expert_epochs=2
+    """Defaults: their Tiny-ImageNet IPC 10 command, --syn_steps=20 --expert_epochs=2
     --max_start_epoch=40 --lr_img=10000 --lr_lr=1e-04 --lr_teacher=0.01
-    --batch_syn 200 (model ConvNetD4, DSA on, no ZCA)."""
+    --batch_syn 200 (DSA on, no ZCA), with the default ConvNet (depth 3)."""
 
     num_classes: int = 200
     ipc: int = 10
     image_size: int = 64
     channels: int = 3
-    depth: int = 4
+    depth: int = 3
     width: int = 128
     syn_steps: int = 20
     expert_epochs: int = 2

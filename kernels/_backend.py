@@ -41,9 +41,18 @@ def check_backend(backend: str) -> str:
 def resolve_backend(backend: str, device: torch.device, op: str) -> str:
     """Turn ``auto`` into a concrete backend for ``device`` and check that an
     explicitly requested one can run there. ``op`` names the op for messages
-    and for looking up its compiled kernels in the extension."""
+    and for looking up its compiled kernels in the extension.
+
+    Every op calls this on every call, so the answer is cached per (backend,
+    device type, op, interpreter flag): only the first call pays for the checks."""
+    return _resolve(backend, device.type, op, triton_interpret())
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(backend: str, device_type: str, op: str, interpret: bool) -> str:
     from . import _ext
 
+    device = torch.device(device_type)
     check_backend(backend)
     if backend == "auto":
         if device.type == "cuda":
@@ -58,7 +67,7 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend 'triton' requested but triton is not installed")
-        if device.type != "cuda" and not triton_interpret():
+        if device.type != "cuda" and not interpret:
             raise RuntimeError(
                 f"{op}: backend 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
             )

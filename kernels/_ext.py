@@ -159,8 +159,11 @@ def require_cuda_extension() -> None:
 
 
 def _reset_for_tests() -> None:
+    from ._backend import _resolve
+
     _state.update(loaded=None, error=None, cuda=False, cuda_error=None)
     has_op.cache_clear()
+    _resolve.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)

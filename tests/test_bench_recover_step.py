@@ -23,8 +23,14 @@ from bench import recover_step as RS  # noqa: E402
 def _tiny_config():
     return RS.BenchConfig(
         "convnet4", 16, 10, 4, RS.CONFIGS["convnet4-64"].providers,
-        dm=B.DMConfig(num_classes=3, ipc=2, image_size=16, width=16, batch_real=4, real_pool_per_class=6),
-        mtt=B.MTTConfig(num_classes=3, ipc=2, image_size=16, width=16, syn_steps=2, batch_syn=3, buffer_epochs=3),
+        baselines={
+            "dm": B.DMConfig(num_classes=3, ipc=2, image_size=16, width=16, batch_real=4, real_pool_per_class=6),
+            "mtt": B.MTTConfig(num_classes=3, ipc=2, image_size=16, width=16, syn_steps=2, batch_syn=3,
+                               buffer_epochs=3),
+            "dm-ipc1": B.DMConfig(num_classes=3, ipc=1, image_size=16, width=16, batch_real=4, real_pool_per_class=6),
+            "mtt-ipc1": B.MTTConfig(num_classes=3, ipc=1, image_size=16, width=16, syn_steps=2, batch_syn=None,
+                                    buffer_epochs=3),
+        },
     )
 
 
@@ -57,18 +63,19 @@ def test_every_provider_runs_one_iteration(fast_compile):
         assert rec["peak_memory_mb"] is None and rec["cpu_rss_delta_mb"] is not None
         ran.append(rec)
     names = [r["provider"] for r in ran]
-    assert {"reference", "reference-compiled", "srel-fast", "floor", "dm", "mtt"} <= set(names)
+    assert {"reference", "reference-compiled", "srel-fast", "floor", "dm", "mtt", "dm-ipc1", "mtt-ipc1"} <= set(names)
+    assert "reference-frozen" not in names  # the reference is the frozen official loop itself
     floor = next(r for r in ran if r["provider"] == "floor")
     assert floor["flops"]["flops_conv"] > 0 and floor["flops_floor_ms_per_image"] > 0
     RS.add_ratios(ran)
     ref = next(r for r in ran if r["provider"] == "reference")
     assert ref["speedup_vs_reference"] == pytest.approx(1.0)
-    assert all("speedup_vs_dm" in r and "speedup_vs_mtt" in r for r in ran)
+    assert all("speedup_vs_dm" in r and "speedup_vs_mtt" in r and "speedup_vs_mtt-ipc1" in r for r in ran)
 
 
 def test_failing_provider_is_recorded_not_raised():
     dev = torch.device("cpu")
-    cfg = replace(_tiny_config(), dm=None)
+    cfg = replace(_tiny_config(), baselines={})
     ctx = RS.Context("tiny", cfg, dev, None, "fp32", True, warmup=1, repeats=1)
     rec = RS.run_provider("dm", ctx)
     assert rec["status"] == "error" and "dm" in rec["error"]
@@ -101,20 +108,44 @@ def test_reference_loss_equals_recoverer_torch_backend():
     ref.close()
 
 
-def test_reference_keeps_weight_gradients_like_the_original():
+def test_reference_freezes_the_model_like_the_original():
+    # data_synthesis.py sets requires_grad=False on every parameter: no weight gradient
     teacher = RS.make_teacher("convnet4", 10, 16, seed=0)
     norm = RS.Context("t", _tiny_config(), torch.device("cpu"), None, "fp32", True, 1, 1).norm
     ref = RS.ReferenceRecovery(teacher, norm, 16, 10, 2, torch.device("cpu"), 4)
     ref.step(0)
-    assert all(p.requires_grad and p.grad is not None for p in ref.model.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in ref.model.parameters())
+    assert ref.x.grad is not None and ref.x.grad.abs().sum() > 0
     lo, hi = norm.clamp_bounds()
     assert bool(((ref.x >= lo - 1e-6) & (ref.x <= hi + 1e-6)).all())
     ref.close()
-    frozen = RS.ReferenceRecovery(RS.make_teacher("convnet4", 10, 16, seed=0), norm, 16, 10, 2,
-                                  torch.device("cpu"), 4, freeze=True)
-    frozen.step(0)
-    assert all(p.grad is None for p in frozen.model.parameters())
-    frozen.close()
+
+
+def test_baselines_at_both_conventions():
+    # the paper's DM / MTT times read as IPC 1 (200 images per update); IPC 10 beside them
+    b = RS.CONFIGS["convnet4-64"].baselines
+    assert (b["dm-ipc1"].ipc, b["mtt-ipc1"].ipc, b["dm"].ipc, b["mtt"].ipc) == (1, 1, 10, 10)
+    assert (b["mtt-ipc1"].syn_steps, b["mtt-ipc1"].batch_syn, b["mtt-ipc1"].max_start_epoch) == (10, None, 10)
+    assert (b["mtt"].syn_steps, b["mtt"].max_start_epoch) == (20, 40)
+    assert {x.depth for x in b.values()} == {3}
+    ns = RS.build_parser().parse_args(["--baseline-ipc", "5", "--baseline-depth", "4"])
+    cfg, _ = RS.resolve_config(ns, torch.device("cuda"))
+    assert cfg.baselines["dm"].ipc == 5 and cfg.baselines["dm-ipc1"].ipc == 1
+    assert {x.depth for x in cfg.baselines.values()} == {4}
+
+
+def test_dm_fetches_real_batches_per_class():
+    # as their main_DM.py: one class's real batch alive at a time (comparable memory)
+    fetched = []
+    net = B.convnet_in(3, 3, 16, depth=2, width=8)
+    syn = torch.randn(3, 3, 16, 16, requires_grad=True)
+
+    def get_real(c):
+        fetched.append(c)
+        return torch.randn(4, 3, 16, 16)
+
+    B.dm_loss(net.embed, syn, get_real, 1, [0, 1, 2], None, dsa=False).backward()
+    assert fetched == [0, 1, 2]
 
 
 # ----------------------------------------------------------------------------- DM
@@ -127,14 +158,14 @@ def test_dm_gradient_is_per_class():
     syn = torch.randn(3 * ipc, 3, 16, 16, requires_grad=True)
     reals = [torch.randn(5, 3, 16, 16) for _ in range(3)]
     classes = [0, 2]
-    loss = B.dm_loss(net.embed, syn, [reals[c] for c in classes], ipc, classes, torch.Generator().manual_seed(0))
+    loss = B.dm_loss(net.embed, syn, lambda c: reals[c], ipc, classes, torch.Generator().manual_seed(0))
     loss.backward()
     g = syn.grad.view(3, ipc, -1).abs().sum(-1)
     assert (g[0] > 0).all() and (g[2] > 0).all()
     assert (g[1] == 0).all()
     # Without augmentation the loss is the sum of the per-class squared mean-embedding distances.
     with torch.no_grad():
-        total = B.dm_loss(net.embed, syn, reals, ipc, [0, 1, 2], None, dsa=False)
+        total = B.dm_loss(net.embed, syn, lambda c: reals[c], ipc, [0, 1, 2], None, dsa=False)
         by_hand = sum(((net.embed(reals[c]).mean(0) - net.embed(syn[c * ipc:(c + 1) * ipc]).mean(0)) ** 2).sum()
                       for c in range(3))
     assert torch.allclose(total, by_hand, rtol=1e-5)

@@ -16,6 +16,9 @@ def fresh_ext_state(monkeypatch):
     _ext._state.clear()
     _ext._state.update(saved)
     _ext.has_op.cache_clear()
+    from srel_fast.kernels._backend import _resolve
+
+    _resolve.cache_clear()
 
 
 def _no_prebuilt(monkeypatch):
