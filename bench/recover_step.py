@@ -520,10 +520,27 @@ class Running:
         self.rec["traceback"] = traceback.format_exc(limit=6)[-3000:]
         self.close()
 
+    def profile(self, path: str, steps: int = 3) -> None:
+        """torch.profiler table of a few warm iterations (kernels sorted by device time)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                self._step()
+            sync(self.dev)
+        key = "self_cuda_time_total" if self.dev.type == "cuda" else "self_cpu_time_total"
+        with open(path, "w") as f:
+            f.write(f"# torch.profiler, {self.name}, {steps} iterations, sorted by {key}\n")
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+        self.rec["profile"] = os.path.basename(path)
+
     def finish(self) -> dict:
         if self.rec.get("status") == "error":
             return self.rec
         try:
+            if self.name in self.ctx.profile and self.ctx.profile_dir:
+                self.profile(os.path.join(self.ctx.profile_dir, f"profile_{self.ctx.config_name}_{self.name}.txt"))
             rec = self.rec
             rec["status"] = "ok"
             rec.update(_stats(self.times, self.p.images_per_iteration))
@@ -634,6 +651,8 @@ class Context:
     repeats: int
     seed: int = 0
     check_every: int = 1
+    profile: tuple = ()                # providers to profile after timing
+    profile_dir: str | None = None
     teacher: torch.nn.Module | None = None
     norm: Normalization = field(default_factory=lambda: Normalization(*IMAGENET_MEAN_STD))
 
@@ -879,6 +898,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="interleaved: time all providers in rounds of one iteration each (default; fair on a "
                          "shared machine); sequential: one provider at a time, alone")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", default="",
+                    help="comma-separated providers to profile (torch.profiler table written to --out-dir)")
     ap.add_argument("--out-dir", default=RESULTS_DIR)
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     ap.add_argument("--render", metavar="JSON", default=None,
@@ -948,7 +969,9 @@ def main(argv: list[str] | None = None) -> int:
     warmup = ns.warmup if ns.warmup is not None else (5 if device.type == "cuda" else 2)
     repeats = ns.repeats if ns.repeats is not None else (20 if device.type == "cuda" else 7)
     ctx = Context(ns.config, cfg, device, amp, amp_name, small, max(1, warmup), max(1, repeats), ns.seed,
-                  ns.check_every)
+                  ns.check_every, tuple(p for p in ns.profile.split(",") if p), None if ns.no_write else ns.out_dir)
+    if ctx.profile_dir:
+        os.makedirs(ctx.profile_dir, exist_ok=True)
     command = shlex.join(["srel-fast", "bench", "recover-step", *argv])
     print(f"recover-step {ns.config} on {device_name(device)} ({'small' if small else 'full'} sizes, amp {amp_name}): "
           f"{', '.join(cfg.providers)}", file=sys.stderr)
