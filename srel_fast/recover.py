@@ -266,6 +266,9 @@ class Recoverer:
             group["lr"] = cosine_lr(cfg.lr, it, cfg.iterations)
         gens = generators if isinstance(generators, (list, tuple)) else [generators]
         p = self._crop_params(x.shape[0], gens)
+        if self.cuda_graphs:
+            # a new iteration: the graphs may reuse the memory of the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         loss, ce, bn = self.loss_fn(x, targets, p.boxes, p.flip, p.shift)
         optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
