@@ -330,3 +330,73 @@ def test_gpu_mean_shift_accuracy():
         for xx in (x, x.to(memory_format=torch.channels_last)):
             _, var = bn_stat_moments(xx, backend=be)
             torch.testing.assert_close(var[0].double(), true_var, rtol=1e-4, atol=0)
+
+
+# ----------------------------------------------------------------------------- triton: splits, compile
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(5, 3, 37, 31), (3, 2, 1, 1100), (2, 70, 3, 3)], ids=str)
+def test_triton_many_splits_and_lane_states(triton_interpret, monkeypatch, shape, layout):
+    """Many programs per channel (splits over planes and over L, partial tiles in both, and
+    L > one tile: the full-tile and partial-tile lane states) merged by _merge_kernel; the
+    mean is shifted far from 0 so that a variance taken from E[x^2] - E[x]^2 would fail."""
+    mod = sys.modules[TRITON_MOD]
+    monkeypatch.setattr(mod, "_target_programs", lambda device: 97)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g) * 0.5 + 300.0
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    xd = x.double()
+    for groups in (1, shape[0]):
+        mean, var = bn_stat_moments(x, groups=groups, backend="triton")
+        xg = xd.reshape(groups, -1, *shape[1:])
+        dims = (1, 3, 4)
+        torch.testing.assert_close(mean.double(), xg.mean(dims), rtol=1e-6, atol=0)
+        torch.testing.assert_close(var.double(), xg.var(dims, unbiased=False), rtol=2e-4, atol=1e-6)
+    rm, rv = torch.full((shape[1],), 299.0), torch.full((shape[1],), 0.3)
+    check_against_reference(x, rm, rv, 1.0, "triton", 1, grad_tol=5e-4)
+
+
+def test_triton_split_configs_cover_the_data():
+    """The launch configurations cover every element exactly once with 8-16 programs per SM."""
+    pytest.importorskip("triton")
+    from srel_fast.kernels import bn_stat_triton as bt
+
+    target = bt.PROGRAMS_PER_SM * 132
+    for B, C, L in ((100, 64, 112 * 112), (100, 2048, 49), (1, 64, 112 * 112), (100, 256, 3136), (3, 5, 1100)):
+        BB, BL, SB, bps, SL, lps = bt.planes_config(B, C, L, 1, target)
+        assert BB * BL <= bt.STAT_BLOCK and bps % BB == 0 and lps % BL == 0
+        assert (SB - 1) * bps < B <= SB * bps and (SL - 1) * lps < L <= SL * lps
+        assert C * SB * SL <= 2 * max(target, C)
+    for R, C in ((100 * 56 * 56, 64), (100 * 49, 2048), (64 * 197, 192)):
+        BR, BC, S, rps = bt.rows_config(R, C, 1, target)
+        assert (S - 1) * rps < R <= S * rps and rps % BR == 0
+        assert S * -(-C // BC) <= 2 * target
+
+
+_BN_TRITON_COMPILE = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from srel_fast.kernels import bn_stat_triton as bt
+tgt = GPUTarget("cuda", 90, 32)
+n = 0
+for name, fn, sig, cst, opt in bt.compile_variants():
+    # pointers 16-byte aligned, as the JIT specialises torch allocations
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig.get(a, "").startswith("*")}
+    triton.compile(ASTSource(fn, sig, constexprs=cst, attrs=attrs), target=tgt, options=opt)
+    triton.compile(ASTSource(fn, sig, constexprs=cst), target=tgt, options=opt)
+    n += 1
+print("compiled", n)
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    # the interpreter accepts things the compiler does not: compile every kernel variant
+    # to a Hopper binary (no GPU needed) in a process without TRITON_INTERPRET
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _BN_TRITON_COMPILE], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-4000:]
