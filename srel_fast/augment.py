@@ -23,8 +23,20 @@ class CropParams:
     shift: torch.Tensor | None   # (N, 2) int64 roll, or None
 
 
+JITTER_RANGES = ("nonnegative", "symmetric")
+
+
 def draw_crop_params(n: int, height: int, width: int, generator: torch.Generator, *, per_image: bool,
-                     scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter: int = 0) -> CropParams:
+                     scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter: int = 0,
+                     jitter_range: str = "nonnegative") -> CropParams:
+    """Crop boxes, flips and rolls for ``n`` images of ``height x width`` (one draw for
+    the batch unless ``per_image``). The roll is drawn from ``0..jitter`` (nonnegative:
+    the official ImageNet code's ``random.randint(0, jitter)``) or ``-jitter..jitter``
+    (symmetric: the official Tiny-ImageNet code's ``random.randint(-jitter, jitter)``),
+    both ends included; it is returned modulo the image size (a roll is circular, so a
+    roll by -k is a roll by size - k), which is also the crop's output size in recovery."""
+    if jitter_range not in JITTER_RANGES:
+        raise ValueError(f"jitter_range must be one of {JITTER_RANGES}, got {jitter_range!r}")
     device = generator.device
     boxes = sample_crop_boxes(n, height, width, scale=scale, ratio=ratio, per_image=per_image,
                               generator=generator, device=device)
@@ -32,8 +44,11 @@ def draw_crop_params(n: int, height: int, width: int, generator: torch.Generator
     flip = (torch.rand(k, generator=generator, device=device) < 0.5).expand(n)
     shift = None
     if jitter > 0:
-        # random.randint(0, jitter) of the original code: both ends included.
-        shift = torch.randint(0, jitter + 1, (k, 2), generator=generator, device=device).expand(n, 2)
+        low = 0 if jitter_range == "nonnegative" else -jitter
+        shift = torch.randint(low, jitter + 1, (k, 2), generator=generator, device=device)
+        if low < 0:
+            shift = torch.remainder(shift, torch.tensor([height, width], device=device))
+        shift = shift.expand(n, 2)
     return CropParams(boxes, flip.contiguous(), None if shift is None else shift.contiguous())
 
 

@@ -1,7 +1,10 @@
 """The `srel-fast` command line: it parses flags into a stage's typed config
 and calls the stage; nothing else. Flags are generated from the config
 dataclasses (``--ipc-start`` sets ``ipc_start``), so the CLI and the Python
-API cannot drift apart."""
+API cannot drift apart. A flag left out stays ``None`` in the config, so the
+stage takes the value of ``--recipe`` (srel_fast.recipes) for it; ``--help``
+lists each stage's flags in groups: the algorithm (recipe values), speed
+switches, and the run."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +16,7 @@ import typing
 
 from .distributed import is_main
 from .errors import UserError
+from .recipes import DEFAULT_RECIPE, RECIPES, recipe_help
 
 HELP = {
     # shared
@@ -25,7 +29,7 @@ HELP = {
     # squeeze
     "data": "a built-in data set name (fashion-mnist, digits) or an ImageFolder directory",
     "min_scale": "RandomResizedCrop minimum area fraction", "max_scale": "RandomResizedCrop maximum area fraction",
-    "image_size": "input resolution (ImageFolder data or --arch without a checkpoint)",
+    "image_size": "input resolution (squeeze: ImageFolder data; elsewhere: weights that carry none)",
     # recover
     "weights": "squeeze checkpoint or torchvision state dict; 'random' for an untrained model",
     "ipc": "images per class", "ipc_start": "first ipc index this run recovers",
@@ -43,6 +47,35 @@ HELP = {
     "temperature": "soft-label temperature T", "topk": "keep only the top-k teacher logits per crop",
     "cutmix": "probability of CutMix per batch", "optimizer": "sgd, adamw or adam",
     "weight_decay": "weight decay", "momentum": "SGD momentum",
+    # recipes
+    "recipe": f"named defaults for every algorithm flag left out: {', '.join(RECIPES)} "
+              f"(default {DEFAULT_RECIPE}; 'srel-fast recipes' lists their values)",
+    "lr_step": "when the cosine lr advances: every iteration or every epoch (the official scripts)",
+    "warmup_epochs": "epochs of linear lr warm-up before the cosine",
+    "warmup_start_factor": "lr factor at the start of the warm-up",
+    "normalization": "mean/std: imagenet, tiny-imagenet (squeeze also: dataset, auto); for weights that carry none",
+    "val_resize": "validation images: resize-crop (shorter side size/0.875, centre crop) or none (raw images)",
+    "jitter_range": "roll drawn from nonnegative: 0..jitter (official ImageNet) or symmetric: -jitter..jitter (official Tiny)",
+    "class_layout": "classes of a batch: consecutive (0..B-1, B..2B-1, ...: the paper) or round-robin",
+    "jpeg_quality": "JPEG quality (75: PIL's default, the official code's)",
+    "pixel_rounding": "[0,1] to uint8: round, or truncate (the official astype(uint8))",
+    "decay_bn_bias": "weight decay on BN parameters and biases too (off: the official ImageNet student)",
+    "grad_accumulation": "micro-batches per optimiser step; BatchNorm sees batch-size / this",
+    "kd_t2": "multiply the KL loss by T^2 (the official Tiny-ImageNet student)",
+    "backend": "kernel backend: torch (reference), auto, triton, cuda, cpu",
+    "amp": "autocast of the model: none, bf16 or fp16 (BN statistics stay fp32)",
+    "channels_last": "channels-last memory layout", "compile": "torch.compile the loss",
+    "cuda_graphs": "with --compile on CUDA: replay the step as CUDA graphs",
+    "group_batches": "recovery batches stacked into one launch (BN statistics stay per batch)",
+    "check_every": "iterations between loss checks (each syncs the device)",
+    "name": "show only this recipe",
+}
+
+GROUP_TITLES = {
+    "algorithm": ("algorithm", "what is computed; a flag left out takes the value of --recipe"),
+    "speed": ("speed switches", "how it is computed: the result stays equal to the reference path's within "
+                                "the tested tolerance (bf16/fp16 --amp: within the AMP tolerance)"),
+    "run": ("run", "paths, device, resuming, progress"),
 }
 
 
@@ -51,19 +84,41 @@ def _base_type(tp):
     return args[0] if args else tp
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+def flag_group(cls, name: str) -> str:
+    """algorithm (recipe fields and other algorithm flags), speed (speed switches) or run."""
+    if name == "recipe" or name in getattr(cls, "RECIPE_FIELDS", ()) or name in getattr(cls, "ALGORITHM_FLAGS", ()):
+        return "algorithm"
+    if name in getattr(cls, "SPEED_SWITCHES", ()):
+        return "speed"
+    return "run"
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, stage: str | None = None) -> None:
     hints = typing.get_type_hints(cls)
+    groups = {}
+    if getattr(cls, "RECIPE_FIELDS", ()):
+        for key in ("algorithm", "speed", "run"):
+            if key == "speed" and not getattr(cls, "SPEED_SWITCHES", ()):
+                continue
+            groups[key] = parser.add_argument_group(*GROUP_TITLES[key])
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         helptext = HELP.get(f.name, f.name.replace("_", " "))
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        if f.name in getattr(cls, "RECIPE_FIELDS", ()):
+            shown = f" (default: the recipe's: {recipe_help(stage, f.name)})"
+        elif required or f.name == "recipe":
+            shown = ""
         else:
-            parser.add_argument(flag, type=tp, required=required, default=default, dest=f.name,
-                                help=helptext + ("" if required else f" (default: {default})"))
+            shown = f" (default: {default})"
+        where = groups.get(flag_group(cls, f.name), parser)
+        if tp is bool:
+            where.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext + shown)
+        else:
+            where.add_argument(flag, type=tp, required=required, default=default, dest=f.name,
+                               help=helptext + shown)
 
 
 def config_from_args(cls, ns: argparse.Namespace):
@@ -74,6 +129,7 @@ def _stages():
     from .continual import ContinualConfig, run_continual
     from .demo import DemoConfig, run_demo
     from .pictures import PicturesConfig, run_pictures
+    from .recipes import RecipesConfig, run_recipes
     from .recover import RecoverConfig, run_recover
     from .relabel import RelabelConfig, run_relabel
     from .report import ReportConfig, run_report
@@ -89,6 +145,7 @@ def _stages():
         "report": (ReportConfig, run_report, "collect train/demo/continual results into a Markdown table and a plot"),
         "continual": (ContinualConfig, run_continual, "class-incremental learning with a synthetic vs real memory"),
         "pictures": (PicturesConfig, run_pictures, "per-class grid and t-SNE of teacher features of a synthetic set"),
+        "recipes": (RecipesConfig, run_recipes, "list the recipes (--recipe) with every value they set"),
     }
 
 
@@ -97,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, helptext) in _stages().items():
         p = sub.add_parser(name, help=helptext, description=helptext)
-        add_config_args(p, cls)
+        add_config_args(p, cls, stage=name)
     b = sub.add_parser("bench", help="benchmarks (needs a source checkout: bench/)", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser

@@ -26,27 +26,45 @@ def image_path(out: str, class_index: int, ipc_index: int, fmt: str = "png") -> 
     return os.path.join(class_dir(out, class_index), f"ipc{ipc_index:05d}.{fmt}")
 
 
-def to_uint8(x01: torch.Tensor) -> np.ndarray:
-    """(C, H, W) float in [0,1] -> (H, W, C) uint8, rounding like torchvision.save_image."""
-    arr = x01.detach().float().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return arr
+IMAGE_FORMATS = ("png", "jpg")
+PIXEL_ROUNDINGS = ("round", "truncate")
 
 
-def encode_image(x01: torch.Tensor, fmt: str = "png") -> bytes:
-    arr = to_uint8(x01)
+def to_uint8(x01: torch.Tensor, rounding: str = "round") -> np.ndarray:
+    """(C, H, W) float in [0,1] -> (H, W, C) uint8.
+
+    ``round``: to the nearest level, as torchvision.utils.save_image.
+    ``truncate``: the official SRe2L code's ``(x * 255).astype(np.uint8)`` (x * 255 in
+    float32, then towards zero), which darkens every pixel by half a level on average."""
+    x255 = x01.detach().float().mul(255)
+    if rounding == "round":
+        x255 = x255.add_(0.5).clamp_(0, 255)
+    elif rounding == "truncate":
+        x255 = x255.clamp_(0, 255)  # x01 is in [0, 1]; the clamp only guards the cast
+    else:
+        raise UserError(f"unknown pixel rounding {rounding!r}; use {' or '.join(PIXEL_ROUNDINGS)}.")
+    return x255.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def encode_image(x01: torch.Tensor, fmt: str = "png", jpeg_quality: int = 95, rounding: str = "round") -> bytes:
+    """PNG (lossless) or JPEG bytes of a [0, 1] image. JPEG uses PIL's encoder with its
+    other defaults (4:2:0 chroma subsampling, baseline); at quality 75 it is byte for
+    byte the official code's ``Image.fromarray(...).save(path)``, which relies on
+    PIL's default quality of 75."""
+    arr = to_uint8(x01, rounding)
     img = Image.fromarray(arr[:, :, 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr, mode="RGB")
     buf = io.BytesIO()
     if fmt == "png":
         img.save(buf, format="PNG")
     elif fmt in ("jpg", "jpeg"):
-        img.save(buf, format="JPEG", quality=95)
+        img.save(buf, format="JPEG", quality=int(jpeg_quality))
     else:
         raise UserError(f"unknown image format {fmt!r}; use png or jpg.")
     return buf.getvalue()
 
 
-def save_image(path: str, x01: torch.Tensor, fmt: str = "png") -> None:
-    atomic_write_bytes(path, encode_image(x01, fmt))
+def save_image(path: str, x01: torch.Tensor, fmt: str = "png", jpeg_quality: int = 95, rounding: str = "round") -> None:
+    atomic_write_bytes(path, encode_image(x01, fmt, jpeg_quality, rounding))
 
 
 def load_tree(root: str, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -52,7 +52,8 @@ Shared semantics (all back-ends)
   horizontal flip with probability 0.5.
   Validation transform: shorter side resized to ``resize_size`` (default
   ``round(image_size / 0.875)``, bilinear antialiased), centre crop
-  ``image_size``.
+  ``image_size``; with ``val_resize=False`` no resize, only the centre crop
+  (the identity on images of ``image_size``: raw-image evaluation).
 * Output: ``(images, labels)``; images float32 NCHW, ``(x/255 - mean)/std``
   (mean/std in [0,1] pixel units), ``channels`` 3 = RGB, 1 = grey; labels
   int64 ``[N]``; both on ``cfg.device``.
@@ -162,6 +163,8 @@ class LoaderConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     resize_size: int | None = None  # val: shorter side before centre crop; default round(image_size / 0.875)
+    val_resize: bool = True   # False: validation images as they are, centre-cropped to image_size but never
+                              # resized (the official Tiny-ImageNet evaluation of the raw 64 px images)
 
     # -- derived values -------------------------------------------------------
     @property
@@ -193,7 +196,7 @@ class LoaderConfig:
             raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
         if not (0 < self.ratio[0] <= self.ratio[1]):
             raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
-        if not self.train and self.effective_resize_size < self.image_size:
+        if not self.train and self.val_resize and self.effective_resize_size < self.image_size:
             raise ValueError(f"resize_size ({self.effective_resize_size}) must be >= image_size ({self.image_size})")
 
 
@@ -398,7 +401,7 @@ class _TorchTransform:
     def __init__(self, cfg: LoaderConfig):
         self.train = bool(cfg.train)
         self.size = int(cfg.image_size)
-        self.resize = cfg.effective_resize_size
+        self.resize = cfg.effective_resize_size if cfg.val_resize else None
         self.scale, self.ratio = tuple(cfg.scale), tuple(cfg.ratio)
         self.mean, self.std = list(cfg.mean), list(cfg.std)
 
@@ -413,7 +416,9 @@ class _TorchTransform:
             if rng.random() < 0.5:
                 img = F.hflip(img)
         else:
-            img = F.center_crop(F.resize(img, self.resize, bilinear, antialias=True), [self.size, self.size])
+            if self.resize is not None:
+                img = F.resize(img, self.resize, bilinear, antialias=True)
+            img = F.center_crop(img, [self.size, self.size])
         return F.normalize(F.to_tensor(img), self.mean, self.std)
 
 
@@ -546,8 +551,9 @@ class DaliImageLoader(ImageLoader):
                     img, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, mirror=mirror)
             else:
                 img = fn.decoders.image(jpegs, **dec_kw)
-                img = fn.resize(img, resize_shorter=float(cfg.effective_resize_size),
-                                interp_type=types.INTERP_LINEAR, antialias=True)
+                if cfg.val_resize:
+                    img = fn.resize(img, resize_shorter=float(cfg.effective_resize_size),
+                                    interp_type=types.INTERP_LINEAR, antialias=True)
                 img = fn.crop_mirror_normalize(
                     img, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
                     crop_pos_x=0.5, crop_pos_y=0.5, mean=mean, std=std)

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import asdict, dataclass
 
@@ -182,7 +183,11 @@ def load_state_dict_file(path: str) -> dict:
     if not os.path.exists(path):
         raise UserError(f"weights file {path} does not exist.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Checkpoints of torchvision's reference training scripts (and so the official
+        # Tiny-ImageNet teachers) pickle their argparse.Namespace under "args": allowed,
+        # nothing else beyond tensors and plain containers.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"weights file {path} is not a PyTorch checkpoint ({type(exc).__name__}).") from None
     if not isinstance(obj, dict):
@@ -199,14 +204,30 @@ def _load_into(model: nn.Module, state: dict, path: str, arch: str) -> None:
         raise UserError(f"weights file {path} does not match arch {arch!r}: {detail}") from None
 
 
+def plain_state_dict(obj: dict) -> dict:
+    """The model weights of a plain checkpoint: a bare state dict, or one under "model"
+    (torchvision's reference scripts, the official Tiny-ImageNet teachers) or
+    "state_dict"; a "module." prefix left by DataParallel/DDP is removed."""
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
 def load_model(weights: str | None, arch: str | None = None, num_classes: int | None = None,
-               in_channels: int = 3, image_size: int = 224, width: int = 128) -> LoadedModel:
+               in_channels: int = 3, image_size: int = 224, width: int = 128,
+               normalization: str = "imagenet") -> LoadedModel:
     """Load a recovery/teacher model.
 
     ``weights`` is an srel-fast squeeze checkpoint (carries arch, class count
-    and normalisation), a plain torchvision state dict (then ``arch`` is
-    required; ImageNet normalisation), ``None`` to look in the torch hub cache,
-    or ``"random"`` for an untrained model (benchmarks only)."""
+    and normalisation), a plain checkpoint (then ``arch`` is required and the
+    input is normalised with ``normalization``: a name in ``MEAN_STD``), ``None``
+    to look in the torch hub cache, or ``"random"`` for an untrained model
+    (benchmarks only)."""
+    mean, std = named_mean_std(normalization)
     if weights not in (None, "random"):
         obj = load_state_dict_file(weights)
         if obj.get("format") == CHECKPOINT_FORMAT:
@@ -218,14 +239,14 @@ def load_model(weights: str | None, arch: str | None = None, num_classes: int | 
             return LoadedModel(model, spec, tuple(obj["mean"]), tuple(obj["std"]), list(obj["classes"]), obj)
         if arch is None:
             raise UserError(f"weights file {weights} is a plain state dict; say which model it is with --arch.")
-        state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
+        state = plain_state_dict(obj)
         fc = [v for k, v in state.items() if k.endswith(("fc.weight", "classifier.weight", "head.weight"))]
         n_cls = int(fc[-1].shape[0]) if fc else (num_classes or 1000)
         spec = ModelSpec(arch, n_cls, in_channels, image_size, width)
         model = build_model(spec)
         _load_into(model, state, weights, arch)
-        return LoadedModel(model, spec, IMAGENET_MEAN_STD[0], IMAGENET_MEAN_STD[1],
-                           [str(i) for i in range(n_cls)], {"source": weights})
+        return LoadedModel(model, spec, mean, std, [str(i) for i in range(n_cls)],
+                           {"source": weights, "normalization": normalization})
     if arch is None:
         raise UserError("no model given: pass --weights FILE (a squeeze checkpoint or state dict) or --arch NAME.")
     spec = ModelSpec(arch, num_classes or 1000, in_channels, image_size, width)
@@ -241,11 +262,20 @@ def load_model(weights: str | None, arch: str | None = None, num_classes: int | 
         source = cached
     else:
         source = "random"
-    return LoadedModel(model, spec, IMAGENET_MEAN_STD[0], IMAGENET_MEAN_STD[1],
-                       [str(i) for i in range(spec.num_classes)], {"source": source})
+    return LoadedModel(model, spec, mean, std, [str(i) for i in range(spec.num_classes)],
+                       {"source": source, "normalization": normalization})
 
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# The official Tiny-ImageNet code (SRe2L small_dataset/utils.py, zeyuanyin/tiny-imagenet).
+TINY_IMAGENET_MEAN_STD = ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))
+MEAN_STD = {"imagenet": IMAGENET_MEAN_STD, "tiny-imagenet": TINY_IMAGENET_MEAN_STD}
+
+
+def named_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if name not in MEAN_STD:
+        raise UserError(f"unknown normalisation {name!r}; use one of {', '.join(MEAN_STD)}.")
+    return MEAN_STD[name]
 
 
 def save_checkpoint(path: str, model: nn.Module, spec: ModelSpec, mean, std, classes, **meta) -> None:

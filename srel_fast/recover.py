@@ -6,9 +6,15 @@ x lives in normalised pixel space, starts from N(0, 1), and is optimised
 with Adam(betas 0.5, 0.9) under a cosine learning rate; A is a random
 resized crop + flip + roll; after every step x is clamped to the normalised
 image of [0, 1]. A batch holds one image per class for up to ``batch_size``
-classes (classes are spread over batches round-robin), and a batch
-(ipc index, batch index) is a pure function of (config, seed): resumed or
-sharded runs give the same bytes as one uninterrupted run.
+classes: consecutive classes (0..99, 100..199, ...: the official code's
+layout) or classes spread over the batches round-robin (``class_layout``).
+A batch (ipc index, batch index) is a pure function of (config, seed):
+resumed or sharded runs give the same bytes as one uninterrupted run.
+
+The config's fields fall into three groups, listed apart in ``recover --help``:
+the algorithm (recipe fields: they define the images), speed switches (how the
+same images are computed; the images stay equal to the reference path's within
+the tested tolerance) and the run itself (paths, device, which ipc indices).
 """
 from __future__ import annotations
 
@@ -21,18 +27,22 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed as _dist
-from .augment import CropParams, apply_crops, draw_crop_params
+from .augment import JITTER_RANGES, CropParams, apply_crops, draw_crop_params
 from .bn_matching import bn_matching
 from .data import Normalization
 from .errors import NonFiniteLoss, UserError
 from .files import append_jsonl, environment, read_json, read_jsonl, write_json
-from .images import image_path, save_image
-from .models import load_model, require_batchnorm
+from .images import IMAGE_FORMATS, PIXEL_ROUNDINGS, image_path, save_image
+from .models import MEAN_STD, load_model, require_batchnorm
+from .recipes import apply_recipe, resolve_recipe
+
+CLASS_LAYOUTS = ("consecutive", "round-robin")
 
 
 @dataclass
@@ -40,48 +50,66 @@ class RecoverConfig:
     out: str
     weights: str | None = None
     arch: str | None = None
+    recipe: str | None = None          # named defaults for the fields left at None (default: srel)
     ipc: int = 50
     ipc_start: int = 0
     ipc_end: int | None = None         # default: ipc
-    iterations: int = 1000
-    batch_size: int = 100              # classes per batch (one image each)
-    lr: float | None = None            # default 0.25 at >=128 px, else 0.1
-    r_bn: float | None = None          # default 0.01 at >=128 px, else 1.0
-    first_bn_multiplier: float = 10.0
-    jitter: int | None = None          # roll range; default 32 at >=128 px, else size // 16
-    min_scale: float = 0.08
-    max_scale: float = 1.0
-    crop_mode: str = "batch"           # batch: one crop per batch (paper); image: one crop per image
+    # The algorithm: recipe fields (None: the recipe's value).
+    iterations: int | None = None
+    batch_size: int | None = None      # classes per batch (one image each)
+    lr: float | None = None            # srel: 0.25 at >=128 px, else 0.1
+    r_bn: float | None = None          # srel: 0.01 at >=128 px, else 1.0
+    first_bn_multiplier: float | None = None
+    jitter: int | None = None          # roll range in pixels; srel: 32 at >=128 px, else size // 16
+    jitter_range: str | None = None    # nonnegative: 0..jitter (ImageNet code) | symmetric: -jitter..jitter (Tiny code)
+    min_scale: float | None = None
+    max_scale: float | None = None
+    crop_mode: str | None = None       # batch: one crop per batch (paper); image: one crop per image
+    class_layout: str | None = None    # consecutive: classes 0..B-1, B..2B-1, ... (paper) | round-robin
+    image_format: str | None = None    # png (lossless) | jpg
+    jpeg_quality: int | None = None    # jpg only; 75 is PIL's default, the official code's
+    pixel_rounding: str | None = None  # [0,1] -> uint8: round | truncate (the official astype(uint8))
+    normalization: str | None = None   # mean/std for weights that carry none (plain state dicts)
+    image_size: int | None = None      # input size for weights that carry none (plain state dicts, --arch alone)
+    # The fast path: speed switches; each can be turned off on its own to measure what it brings.
     backend: str = "torch"             # torch (reference) | auto | triton | cuda | cpu
-    seed: int = 0
-    device: str = "auto"
-    image_format: str = "png"
-    on_nonfinite: str = "stop"         # stop the run, or skip the batch and go on
-    check_every: int = 10              # iterations between loss checks (each check syncs the device)
-    # The fast path; each switch can be turned off on its own to measure what it brings.
     amp: str = "none"                  # none | bf16 | fp16 autocast of the model (statistics stay fp32)
     channels_last: bool = False
     compile: bool = False              # torch.compile of the loss (model, BN term, augmentation)
     cuda_graphs: bool = False          # with compile: mode="reduce-overhead" (CUDA graphs)
     group_batches: int = 1             # recovery batches stacked into one launch (BN statistics per batch)
+    check_every: int = 10              # iterations between loss checks (each check syncs the device)
+    # The run.
+    seed: int = 0
+    device: str = "auto"
+    on_nonfinite: str = "stop"         # stop the run, or skip the batch and go on
     overwrite: bool = False
     num_classes: int | None = None     # for --arch without a checkpoint
-    image_size: int | None = None      # for --arch without a checkpoint
     progress: bool = True
 
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "iterations", "batch_size", "lr", "r_bn", "first_bn_multiplier", "jitter", "jitter_range", "min_scale",
+        "max_scale", "crop_mode", "class_layout", "image_format", "jpeg_quality", "pixel_rounding",
+        "normalization", "image_size")
+    SPEED_SWITCHES: ClassVar[tuple[str, ...]] = (
+        "backend", "amp", "channels_last", "compile", "cuda_graphs", "group_batches", "check_every")
+
     def resolved(self, image_size: int) -> "RecoverConfig":
+        """Every value filled: the recipe's, then the resolution rules for what it leaves open."""
+        cfg = apply_recipe(self, "recover")
         big = image_size >= 128
         return dataclasses.replace(
-            self,
-            ipc_end=self.ipc if self.ipc_end is None else self.ipc_end,
-            lr=self.lr if self.lr is not None else (0.25 if big else 0.1),
-            r_bn=self.r_bn if self.r_bn is not None else (0.01 if big else 1.0),
-            jitter=self.jitter if self.jitter is not None else (32 if big else image_size // 16),
+            cfg,
+            ipc_end=cfg.ipc if cfg.ipc_end is None else cfg.ipc_end,
+            lr=cfg.lr if cfg.lr is not None else (0.25 if big else 0.1),
+            r_bn=cfg.r_bn if cfg.r_bn is not None else (0.01 if big else 1.0),
+            jitter=cfg.jitter if cfg.jitter is not None else (32 if big else image_size // 16),
         )
 
 
-# Fields that may differ between runs writing into the same output tree.
-_RUN_ONLY_FIELDS = ("ipc_start", "ipc_end", "overwrite", "progress", "device", "out", "on_nonfinite")
+# Fields that may differ between runs writing into the same output tree (the recipe's
+# name is provenance: the resolved values are compared).
+_RUN_ONLY_FIELDS = ("ipc_start", "ipc_end", "overwrite", "progress", "device", "out", "on_nonfinite", "recipe")
 
 
 @dataclass
@@ -110,6 +138,20 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"--ipc-start/--ipc-end must satisfy 0 <= start < end <= ipc, got {cfg.ipc_start}..{end} for ipc {cfg.ipc}.")
     if cfg.crop_mode not in ("batch", "image"):
         raise UserError(f"--crop-mode must be 'batch' or 'image', got {cfg.crop_mode!r}.")
+    if cfg.class_layout not in CLASS_LAYOUTS:
+        raise UserError(f"--class-layout must be {' or '.join(CLASS_LAYOUTS)}, got {cfg.class_layout!r}.")
+    if cfg.jitter_range not in JITTER_RANGES:
+        raise UserError(f"--jitter-range must be {' or '.join(JITTER_RANGES)}, got {cfg.jitter_range!r}.")
+    if cfg.jitter is not None and cfg.jitter < 0:
+        raise UserError(f"--jitter must be >= 0, got {cfg.jitter}.")
+    if cfg.image_format not in IMAGE_FORMATS:
+        raise UserError(f"--image-format must be {' or '.join(IMAGE_FORMATS)}, got {cfg.image_format!r}.")
+    if not (1 <= cfg.jpeg_quality <= 100):
+        raise UserError(f"--jpeg-quality must be between 1 and 100, got {cfg.jpeg_quality}.")
+    if cfg.pixel_rounding not in PIXEL_ROUNDINGS:
+        raise UserError(f"--pixel-rounding must be {' or '.join(PIXEL_ROUNDINGS)}, got {cfg.pixel_rounding!r}.")
+    if cfg.normalization not in MEAN_STD:
+        raise UserError(f"--normalization must be one of {', '.join(MEAN_STD)}, got {cfg.normalization!r}.")
     if not (0 < cfg.min_scale <= cfg.max_scale <= 1):
         raise UserError(f"crop scale range must satisfy 0 < min <= max <= 1, got {cfg.min_scale}..{cfg.max_scale}.")
     if cfg.on_nonfinite not in ("stop", "skip"):
@@ -122,10 +164,19 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"--check-every must be positive, got {cfg.check_every}.")
 
 
-def class_batches(num_classes: int, batch_size: int) -> list[list[int]]:
-    """Spread classes over ceil(K / batch_size) batches round-robin."""
-    n = math.ceil(num_classes / batch_size)
-    return [list(range(b, num_classes, n)) for b in range(n)]
+def class_batches(num_classes: int, batch_size: int, layout: str = "round-robin") -> list[list[int]]:
+    """The classes of each recovery batch, one image per class.
+
+    ``consecutive``: classes 0..B-1, B..2B-1, ... (the official code's
+    ``targets_all[kk:kk + batch_size]``), the last batch holding the rest.
+    ``round-robin``: class c in batch c mod n over n = ceil(K / B) batches, so the
+    batches differ in size by at most one."""
+    if layout == "consecutive":
+        return [list(range(k, min(k + batch_size, num_classes))) for k in range(0, num_classes, batch_size)]
+    if layout == "round-robin":
+        n = math.ceil(num_classes / batch_size)
+        return [list(range(b, num_classes, n)) for b in range(n)]
+    raise UserError(f"unknown class layout {layout!r}; use {' or '.join(CLASS_LAYOUTS)}.")
 
 
 def job_seed(seed: int, ipc_index: int, batch_index: int) -> int:
@@ -155,6 +206,7 @@ class Recoverer:
 
     def __init__(self, model: torch.nn.Module, norm: Normalization, image_size: int, channels: int,
                  cfg: RecoverConfig, device: torch.device):
+        cfg = cfg.resolved(image_size)   # idempotent: a resolved config comes back unchanged
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)  # no weight gradient is ever computed
@@ -250,7 +302,8 @@ class Recoverer:
         cfg = self.cfg
         per = n // len(generators)
         ps = [draw_crop_params(per, self.size, self.size, g, per_image=self.per_image,
-                               scale=(cfg.min_scale, cfg.max_scale), jitter=cfg.jitter) for g in generators]
+                               scale=(cfg.min_scale, cfg.max_scale), jitter=cfg.jitter,
+                               jitter_range=cfg.jitter_range) for g in generators]
         if len(ps) == 1:
             return ps[0]
         return CropParams(torch.cat([p.boxes for p in ps]), torch.cat([p.flip for p in ps]),
@@ -364,9 +417,10 @@ def _rank_world() -> tuple[int, int]:
 
 
 def run_recover(cfg: RecoverConfig) -> dict:
+    cfg, recipe_record = resolve_recipe(cfg, "recover")
     validate(cfg)
-    loaded = load_model(cfg.weights, cfg.arch, num_classes=cfg.num_classes,
-                        image_size=cfg.image_size or 224)
+    loaded = load_model(cfg.weights, cfg.arch, num_classes=cfg.num_classes, image_size=cfg.image_size,
+                        normalization=cfg.normalization)
     require_batchnorm(loaded.model, loaded.spec.arch)
     spec = loaded.spec
     cfg = cfg.resolved(spec.image_size)
@@ -378,6 +432,7 @@ def run_recover(cfg: RecoverConfig) -> dict:
     norm = Normalization(loaded.mean, loaded.std)
     record = {
         "config": dataclasses.asdict(cfg),
+        "recipe": recipe_record,
         "model": spec.to_dict(),
         "classes": loaded.classes,
         "mean": list(loaded.mean),
@@ -398,7 +453,7 @@ def run_recover(cfg: RecoverConfig) -> dict:
 
 def _run_jobs(cfg: RecoverConfig, record: dict, recoverer: Recoverer, norm: Normalization, spec, rank: int,
               world: int) -> dict:
-    batches = class_batches(spec.num_classes, cfg.batch_size)
+    batches = class_batches(spec.num_classes, cfg.batch_size, cfg.class_layout)
     jobs = [(i, b) for i in range(cfg.ipc_start, cfg.ipc_end) for b in range(len(batches))]
     # Launches: up to group_batches consecutive jobs of equal size stacked together. The
     # grouping depends only on the config and the ipc range, so a resumed or sharded run
@@ -461,7 +516,7 @@ def _save_batch(cfg: RecoverConfig, norm: Normalization, result: BatchResult, fo
             path = image_path(cfg.out, c, result.ipc_index, cfg.image_format)
         else:
             path = os.path.join(folder, f"{c:05d}.{cfg.image_format}")
-        save_image(path, img, cfg.image_format)
+        save_image(path, img, cfg.image_format, cfg.jpeg_quality, cfg.pixel_rounding)
 
 
 def write_manifest(cfg: RecoverConfig, record: dict, failed: list[dict]) -> dict:

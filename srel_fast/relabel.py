@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from .augment import apply_crops, draw_crop_params
 from .errors import UserError
 from . import distributed as _dist
 from .files import atomic_write_bytes, environment, read_json, write_json
+from .recipes import resolve_recipe
 
 STORE_FORMAT = "srel-fast-soft-labels"
 STORE_VERSION = 2
@@ -242,22 +244,31 @@ class RelabelConfig:
     out: str
     teacher: str                       # squeeze checkpoint (or state dict with --teacher-arch)
     teacher_arch: str | None = None
-    epochs: int = 300
-    batch_size: int = 100
-    temperature: float = 20.0
+    recipe: str | None = None          # named defaults for the fields left at None (default: srel)
+    # Recipe fields (None: the recipe's value).
+    epochs: int | None = None
+    batch_size: int | None = None
+    temperature: float | None = None
+    min_scale: float | None = None
+    max_scale: float | None = None
+    cutmix: float | None = None        # probability that a batch is CutMix-ed (1.0: every batch, as the paper)
+    normalization: str | None = None   # mean/std of a teacher that carries none (plain state dict)
+    image_size: int | None = None      # input size of a teacher that carries none
     topk: int | None = None            # keep only the top-k logits per crop
     topk_mode: str = "renorm"          # renorm: softmax over the kept logits; spread: true probabilities + uniform rest
-    min_scale: float = 0.08
-    max_scale: float = 1.0
-    cutmix: float = 0.0
     seed: int = 0
     device: str = "auto"
     backend: str = "auto"
     overwrite: bool = False
     progress: bool = True
 
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "epochs", "batch_size", "temperature", "min_scale", "max_scale", "cutmix", "normalization", "image_size")
+    ALGORITHM_FLAGS: ClassVar[tuple[str, ...]] = ("topk", "topk_mode")
+
     def plan(self) -> CropPlanConfig:
-        return CropPlanConfig(self.seed, self.batch_size, self.min_scale, self.max_scale, self.cutmix)
+        cfg = resolve_recipe(self, "relabel")[0]
+        return CropPlanConfig(cfg.seed, cfg.batch_size, cfg.min_scale, cfg.max_scale, cfg.cutmix)
 
 
 @_dist.stage
@@ -267,11 +278,12 @@ def run_relabel(cfg: RelabelConfig) -> dict:
     from .models import load_model
     from .train import load_synthetic
 
+    cfg, recipe_record = resolve_recipe(cfg, "relabel")
     if cfg.epochs <= 0:
         raise UserError(f"--epochs must be positive, got {cfg.epochs}.")
     if cfg.topk_mode not in TOPK_MODES:
         raise UserError(f"--topk-mode must be 'renorm' or 'spread', got {cfg.topk_mode!r}.")
-    teacher = load_model(cfg.teacher, cfg.teacher_arch)
+    teacher = load_model(cfg.teacher, cfg.teacher_arch, image_size=cfg.image_size, normalization=cfg.normalization)
     device = _dist.resolve_device(cfg.device)
     images, labels, _ = load_synthetic(cfg.syn, teacher, device)
     n_cls = teacher.spec.num_classes
@@ -361,7 +373,8 @@ def run_relabel(cfg: RelabelConfig) -> dict:
         "seconds": seconds, "world_size": world,
     }
     if _dist.is_main():
-        write_json(os.path.join(cfg.out, "relabel_results.json"), {"config": dataclasses.asdict(cfg), "results": results})
+        write_json(os.path.join(cfg.out, "relabel_results.json"),
+                   {"config": dataclasses.asdict(cfg), "recipe": recipe_record, "results": results})
         kind = f"top-{cfg.topk} {cfg.topk_mode}" if cfg.topk else "full fp16 logits"
         _dist.main_print(
             f"relabel: store ({kind}): {human_bytes(payload)} of label arrays ({results['bytes_per_crop']:.1f} B per crop), "

@@ -1,8 +1,10 @@
 """Stage 1, Squeeze: train a BatchNorm classifier on the real data.
 
-Paper recipe for small resolutions (Tiny-ImageNet): SGD lr 0.2, momentum 0.9,
-weight decay 1e-4, batch 256, cosine schedule, RandomResizedCrop + flip;
-a short budget recovers better than a long one. The checkpoint carries the
+Paper recipe for small resolutions (Tiny-ImageNet, ``--recipe sre2l-tiny``):
+SGD lr 0.2, momentum 0.9, weight decay 1e-4, batch 256, 5 epochs of linear
+warm-up then cosine, stepped per epoch, RandomResizedCrop + flip, Tiny-ImageNet
+mean/std, validation on the raw 64 px images; a short budget (50 epochs)
+recovers better than a long one. The checkpoint carries the
 model spec, class names, normalisation and test accuracy, so recover needs
 nothing else. Every epoch is checkpointed (model, optimiser, scheduler, RNG)
 and an interrupted run resumes from the last one.
@@ -23,6 +25,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +35,13 @@ from .augment import CropParams, apply_crops, draw_crop_params
 from .data import Normalization, check_data_path, dataset_normalization, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
 from .files import environment, write_json
-from .models import ModelSpec, build_model, require_batchnorm, save_checkpoint
-from .training import cosine_schedule, evaluate, evaluate_loader, load_resume_state, make_optimizer, save_resume_state, seed_everything
+from .models import MEAN_STD, ModelSpec, build_model, require_batchnorm, save_checkpoint
+from .recipes import resolve_recipe
+from .training import (LR_STEPS, evaluate, evaluate_loader, load_resume_state, make_optimizer, make_schedule,
+                       save_resume_state, seed_everything)
+
+NORMALIZATIONS = ("auto", "dataset", *MEAN_STD)   # auto: dataset for built-in sets, imagenet for folders
+VAL_RESIZES = ("resize-crop", "none")
 
 
 @dataclass
@@ -41,21 +49,32 @@ class SqueezeConfig:
     data: str
     out: str
     arch: str = "convnet3"
-    epochs: int = 50
-    batch_size: int = 256
-    lr: float = 0.2
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    optimizer: str = "sgd"
-    min_scale: float = 0.08           # RandomResizedCrop scale range
+    recipe: str | None = None         # named defaults for the fields below left at None (default: srel)
+    # Recipe fields (None: the recipe's value).
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    optimizer: str | None = None
+    min_scale: float | None = None    # RandomResizedCrop scale range
+    lr_step: str | None = None        # iteration | epoch: when the schedule advances
+    warmup_epochs: int | None = None  # linear warm-up before the cosine
+    warmup_start_factor: float | None = None
+    normalization: str | None = None  # auto | dataset | imagenet | tiny-imagenet
+    image_size: int | None = None     # ImageFolder only
+    val_resize: str | None = None     # ImageFolder validation: resize-crop (shorter side size/0.875, centre crop) | none
     width: int = 128                  # ConvNet width
-    image_size: int | None = None     # ImageFolder only (default 224)
     seed: int = 0
     device: str = "auto"
     loader: str = "auto"              # ImageFolder: auto | dali | torch
     num_workers: int = 2
     overwrite: bool = False
     progress: bool = True
+
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "min_scale", "lr_step",
+        "warmup_epochs", "warmup_start_factor", "normalization", "image_size", "val_resize")
 
 
 def validate(cfg: SqueezeConfig) -> None:
@@ -68,10 +87,19 @@ def validate(cfg: SqueezeConfig) -> None:
         raise UserError(f"--out must name a .pt checkpoint file, got {cfg.out}.")
     if os.path.exists(cfg.out) and not cfg.overwrite:
         raise UserError(f"checkpoint {cfg.out} already exists; use --overwrite to replace it.")
+    if cfg.lr_step not in LR_STEPS:
+        raise UserError(f"--lr-step must be {' or '.join(LR_STEPS)}, got {cfg.lr_step!r}.")
+    if cfg.warmup_epochs < 0:
+        raise UserError(f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}.")
+    if cfg.normalization not in NORMALIZATIONS:
+        raise UserError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {cfg.normalization!r}.")
+    if cfg.val_resize not in VAL_RESIZES:
+        raise UserError(f"--val-resize must be {' or '.join(VAL_RESIZES)}, got {cfg.val_resize!r}.")
 
 
 @_dist.stage
 def run_squeeze(cfg: SqueezeConfig) -> dict:
+    cfg, recipe_record = resolve_recipe(cfg, "squeeze")
     validate(cfg)
     seed_everything(cfg.seed)
     device = _dist.resolve_device(cfg.device)
@@ -81,24 +109,26 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
                         f"{world} processes.")
     if is_builtin(cfg.data):
         train, test = load_builtin(cfg.data, "train", cfg.seed), load_builtin(cfg.data, "test", cfg.seed)
-        norm = dataset_normalization(train)
+        norm = dataset_normalization(train) if cfg.normalization in ("auto", "dataset") else _named(cfg, train.channels)
         classes, channels, size = train.classes, train.channels, train.image_size
         steps_per_epoch = len(train) // cfg.batch_size
         train_loader = val_loader = None
     else:
         from .loaders import LoaderConfig, build_loader
 
-        size = cfg.image_size or 224
-        from .models import IMAGENET_MEAN_STD
-
-        norm = Normalization(*IMAGENET_MEAN_STD)
+        if cfg.normalization == "dataset":
+            raise UserError("--normalization dataset is for the built-in data sets; for an ImageFolder tree "
+                            "use imagenet or tiny-imagenet.")
+        size = cfg.image_size
+        norm = _named(cfg, 3)
         common = dict(image_size=size, batch_size=cfg.batch_size // world, mean=norm.mean, std=norm.std,
                       loader=cfg.loader, num_workers=cfg.num_workers, seed=cfg.seed, device=str(device),
                       shard_id=rank, num_shards=world)
         train_dir = os.path.join(cfg.data, "train") if os.path.isdir(os.path.join(cfg.data, "train")) else cfg.data
         val_dir = os.path.join(cfg.data, "val") if os.path.isdir(os.path.join(cfg.data, "val")) else train_dir
         train_loader = build_loader(LoaderConfig(root=train_dir, train=True, **common))
-        val_loader = build_loader(LoaderConfig(root=val_dir, train=False, **common))
+        val_loader = build_loader(LoaderConfig(root=val_dir, train=False, val_resize=cfg.val_resize == "resize-crop",
+                                               **common))
         classes, channels = list(train_loader.classes), 3
         steps_per_epoch = len(train_loader)
     spec = ModelSpec(cfg.arch, len(classes), channels, size, cfg.width)
@@ -109,7 +139,8 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
     net = _dist.wrap_ddp(model, device)   # DDP + global BatchNorm under torchrun; the model itself otherwise
     model = _dist.unwrap(net)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
-    scheduler = cosine_schedule(optimizer, cfg.epochs * steps_per_epoch)
+    scheduler = make_schedule(optimizer, cfg.lr_step, cfg.epochs, steps_per_epoch, cfg.warmup_epochs,
+                              cfg.warmup_start_factor)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     config_dict = dataclasses.asdict(cfg)
     resume_path = cfg.out + ".resume"
@@ -140,11 +171,14 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
+            if cfg.lr_step == "iteration":
+                scheduler.step()
             total += loss_v
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss_v:.3f}")
+        if cfg.lr_step == "epoch":
+            scheduler.step()
         history.append({"epoch": epoch, "train_loss": total / steps_per_epoch})
         if _dist.is_main():
             save_resume_state(resume_path, epoch + 1, model, optimizer, scheduler, gen,
@@ -155,17 +189,26 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
     results = {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "history": history, "world_size": world}
     if _dist.is_main():
         save_checkpoint(cfg.out, model, spec, norm.mean, norm.std, classes, test_accuracy=acc,
-                        dataset=cfg.data, config=config_dict)
-        write_json(cfg.out + ".json", {"config": config_dict, "model": spec.to_dict(), "results": results,
-                                       "environment": environment()})
+                        dataset=cfg.data, config=config_dict, recipe=recipe_record)
+        write_json(cfg.out + ".json", {"config": config_dict, "recipe": recipe_record, "model": spec.to_dict(),
+                                       "results": results, "environment": environment()})
         if os.path.exists(resume_path):
             os.remove(resume_path)
     _dist.barrier()
     return results
 
 
+def _named(cfg: SqueezeConfig, channels: int) -> Normalization:
+    mean, std = MEAN_STD["imagenet" if cfg.normalization == "auto" else cfg.normalization]
+    if len(mean) != channels:
+        raise UserError(f"the {cfg.normalization} normalisation is for {len(mean)}-channel images but {cfg.data} has "
+                        f"{channels}; use --normalization dataset.")
+    return Normalization(mean, std)
+
+
 def _resume_key(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("overwrite", "progress", "device", "num_workers")}
+    # The recipe's name is provenance: the resolved values decide whether a run may resume.
+    return {k: v for k, v in config.items() if k not in ("overwrite", "progress", "device", "num_workers", "recipe")}
 
 
 def _builtin_batches(train, cfg: SqueezeConfig, norm: Normalization, gen: torch.Generator, device,

@@ -12,6 +12,14 @@ class labels instead (the random-real baseline). Top-1 is then measured on
 the real test/validation split. Every epoch is checkpointed and an
 interrupted run resumes from the last one.
 
+The paper's settings are recipes (srel_fast.recipes): ImageNet-1K
+(train_FKD.py) is AdamW without weight decay on BN and bias parameters,
+cosine stepped per epoch, batch 1024 as two accumulated micro-batches of 512
+(each its own forward, so BatchNorm sees 512; loss = micro-batch mean / 2)
+and CutMix in every batch; Tiny-ImageNet (train_kd.py) is SGD lr 0.2 with
+5 warm-up epochs, the KL loss multiplied by T^2 and evaluation on the raw
+64 px images.
+
 Under torchrun the student is wrapped in DistributedDataParallel with
 BatchNorm statistics over the global batch. Every rank plans the same global
 batches (epoch_plan) and takes its contiguous slice of each; the loss is the
@@ -22,12 +30,14 @@ not communicated). Only rank 0 prints and writes checkpoints and JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +48,12 @@ from .errors import NonFiniteLoss, UserError
 from .files import environment, read_json, write_json
 from .images import load_tree
 from .models import LoadedModel, ModelSpec, build_model, load_model, save_checkpoint
+from .recipes import apply_recipe, resolve_recipe
 from .relabel import CropPlanConfig, SoftLabelStore, epoch_plan, make_inputs
-from .training import (cosine_schedule, evaluate, evaluate_loader, load_resume_state, make_optimizer,
-                       save_resume_state, seed_everything)
+from .training import (LR_STEPS, evaluate, evaluate_loader, load_resume_state, make_optimizer, make_schedule,
+                       parameter_groups, save_resume_state, seed_everything)
+
+VAL_RESIZES = ("resize-crop", "none")
 
 
 @dataclass
@@ -52,17 +65,28 @@ class TrainConfig:
     teacher: str | None = None        # online relabel (teacher in the loop)
     labels: str | None = None         # stored soft labels (srel-fast relabel)
     teacher_arch: str | None = None
+    recipe: str | None = None         # named defaults for the fields left at None (default: srel)
     label_mode: str = "soft"          # soft | hard
-    epochs: int = 300
-    batch_size: int = 100
-    optimizer: str = "adamw"          # paper: adamw (ImageNet), sgd lr 0.2 (small sets)
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    temperature: float = 20.0
-    min_scale: float = 0.08
-    max_scale: float = 1.0
-    cutmix: float = 0.0
+    # Recipe fields (None: the recipe's value).
+    epochs: int | None = None
+    batch_size: int | None = None     # images per optimiser step
+    optimizer: str | None = None      # sgd | adamw | adam
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None     # SGD only
+    temperature: float | None = None
+    min_scale: float | None = None
+    max_scale: float | None = None
+    cutmix: float | None = None       # probability of CutMix per batch (1.0: every batch)
+    lr_step: str | None = None        # iteration | epoch: when the cosine schedule advances
+    warmup_epochs: int | None = None  # linear warm-up before the cosine
+    warmup_start_factor: float | None = None
+    decay_bn_bias: bool | None = None  # False: no weight decay on BN parameters and biases (official ImageNet)
+    grad_accumulation: int | None = None  # micro-batches per step; BatchNorm sees batch_size / this
+    kd_t2: bool | None = None         # multiply the KL loss by T^2 (official Tiny-ImageNet)
+    val_resize: str | None = None     # ImageFolder validation: resize-crop (size/0.875, centre crop) | none (raw)
+    normalization: str | None = None  # mean/std of a teacher that carries none (plain state dict)
+    image_size: int | None = None     # input size of a teacher that carries none
     width: int = 128
     seed: int = 0
     device: str = "auto"
@@ -71,8 +95,41 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
 
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "temperature", "min_scale",
+        "max_scale", "cutmix", "lr_step", "warmup_epochs", "warmup_start_factor", "decay_bn_bias",
+        "grad_accumulation", "kd_t2", "val_resize", "normalization", "image_size")
+    ALGORITHM_FLAGS: ClassVar[tuple[str, ...]] = ("label_mode",)
+
     def plan(self) -> CropPlanConfig:
-        return CropPlanConfig(self.seed, self.batch_size, self.min_scale, self.max_scale, self.cutmix)
+        cfg = apply_recipe(self, "train")
+        return CropPlanConfig(cfg.seed, cfg.batch_size, cfg.min_scale, cfg.max_scale, cfg.cutmix)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks of a resolved config."""
+    if cfg.epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {cfg.epochs}.")
+    if cfg.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {cfg.batch_size}.")
+    if cfg.label_mode not in ("soft", "hard"):
+        raise UserError(f"--label-mode must be 'soft' or 'hard', got {cfg.label_mode!r}.")
+    if cfg.grad_accumulation <= 0 or cfg.batch_size % cfg.grad_accumulation:
+        raise UserError(f"--grad-accumulation must be a positive divisor of --batch-size {cfg.batch_size}, "
+                        f"got {cfg.grad_accumulation}.")
+    if cfg.lr_step not in LR_STEPS:
+        raise UserError(f"--lr-step must be {' or '.join(LR_STEPS)}, got {cfg.lr_step!r}.")
+    if cfg.warmup_epochs < 0:
+        raise UserError(f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}.")
+    if cfg.val_resize not in VAL_RESIZES:
+        raise UserError(f"--val-resize must be {' or '.join(VAL_RESIZES)}, got {cfg.val_resize!r}.")
+
+
+def make_student_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """The student's optimiser; with ``decay_bn_bias`` off, BN parameters and biases get no weight decay."""
+    cfg = apply_recipe(cfg, "train")
+    groups = parameter_groups(model, cfg.weight_decay, cfg.decay_bn_bias)
+    return make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.momentum)
 
 
 def load_synthetic(root: str, teacher: LoadedModel | None, device) -> tuple[torch.Tensor, torch.Tensor, Normalization]:
@@ -102,6 +159,8 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
                   cfg: TrainConfig, evaluate_fn, teacher: torch.nn.Module | None = None,
                   store: SoftLabelStore | None = None, resume_path: str | None = None) -> dict:
     """The training loop: ``images`` are normalised (N, C, H, W) on the device."""
+    cfg = apply_recipe(cfg, "train")
+    validate(cfg)
     device = images.device
     seed_everything(cfg.seed)
     rank, world = _dist.rank(), _dist.world_size()
@@ -113,8 +172,9 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
             p.requires_grad_(False)
     n = images.shape[0]
     steps_per_epoch = -(-n // cfg.batch_size)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
-    scheduler = cosine_schedule(optimizer, cfg.epochs * steps_per_epoch)
+    optimizer = make_student_optimizer(model, cfg)
+    scheduler = make_schedule(optimizer, cfg.lr_step, cfg.epochs, steps_per_epoch, cfg.warmup_epochs,
+                              cfg.warmup_start_factor)
     gen = torch.Generator().manual_seed(cfg.seed)
     key = _resume_key(cfg)
     start_epoch = load_resume_state(resume_path, key, model, optimizer, scheduler, gen) if resume_path else 0
@@ -125,32 +185,18 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
 
         bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="train", unit="epoch", dynamic_ncols=True, file=sys.stderr)
     t0 = time.perf_counter()
+    step = StudentStep(net, optimizer, images, labels, cfg, size, teacher, store, rank, world)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         row = 0
         epoch_loss = 0.0
         for pb in epoch_plan(cfg.plan(), epoch, n, images.shape[2], images.shape[3]):
-            if world == 1:
-                x = make_inputs(images, pb, size, cfg.backend)
-                out = model(x)
-                loss = _student_loss(out, x, pb, None, row, labels, cfg, epoch, teacher, store, device)
-                loss_v = loss.item()
-            else:
-                b = len(pb.indices)
-                lo, hi = _dist.shard_bounds(b, rank, world)
-                x = make_inputs(images, pb, size, cfg.backend, rows=slice(lo, hi))
-                out = net(x)
-                loss = _student_loss(out, x, pb, slice(lo, hi), row, labels, cfg, epoch, teacher, store, device)
-                loss = loss * (world / b)      # sum over this rank's rows -> its share of the global mean
-                loss_v = _dist.all_reduce_sum([loss.item()])[0] / world
+            epoch_loss += step(pb, row, epoch)
             row += len(pb.indices)
-            if not math.isfinite(loss_v):
-                raise NonFiniteLoss(f"student training reached a non-finite loss in epoch {epoch}; lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if cfg.lr_step == "iteration":
+                scheduler.step()
+        if cfg.lr_step == "epoch":
             scheduler.step()
-            epoch_loss += loss_v
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{epoch_loss / steps_per_epoch:.4f}")
@@ -162,8 +208,63 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     return {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "model": model}
 
 
+class StudentStep:
+    """One optimiser step on a planned batch.
+
+    The batch is cut into micro-batches of ``batch_size // grad_accumulation`` rows (the
+    last batch of an epoch may have fewer, or fewer micro-batches), each with its own
+    forward, so BatchNorm normalises over a micro-batch; each micro-batch's loss is its
+    mean divided by ``grad_accumulation`` and the gradients add up before one optimiser
+    step (train_FKD.py's formula: for a full batch, the mean over the batch). CutMix and
+    the crops are those of the whole planned batch. Under torchrun every micro-batch is
+    split over the ranks (SyncBN keeps its statistics over the whole micro-batch)."""
+
+    def __init__(self, net, optimizer, images, labels, cfg: TrainConfig, size, teacher, store, rank: int, world: int):
+        self.net, self.optimizer, self.images, self.labels = net, optimizer, images, labels
+        self.cfg, self.size, self.teacher, self.store = cfg, size, teacher, store
+        self.rank, self.world = rank, world
+        self.micro = cfg.batch_size // cfg.grad_accumulation
+
+    def __call__(self, pb, row: int, epoch: int) -> float:
+        cfg, world = self.cfg, self.world
+        b = len(pb.indices)
+        spans = [(s, min(s + self.micro, b)) for s in range(0, b, self.micro)]
+        self.optimizer.zero_grad(set_to_none=True)
+        x_all = make_inputs(self.images, pb, self.size, cfg.backend) if world == 1 else None
+        total = 0.0
+        for k, (s, e) in enumerate(spans):
+            last = k == len(spans) - 1
+            # DDP averages gradients at the last micro-batch's backward only.
+            sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
+            with sync:
+                if world == 1 and (s, e) == (0, b):
+                    # The whole batch at once: the mean over the batch.
+                    loss = self._loss(x_all, pb, None, row, epoch)
+                elif world == 1:
+                    loss = self._loss(x_all[s:e], pb, slice(s, e), row, epoch) / (e - s)
+                else:
+                    lo, hi = _dist.shard_bounds(e - s, self.rank, world)
+                    rows = slice(s + lo, s + hi)
+                    x = make_inputs(self.images, pb, self.size, cfg.backend, rows=rows)
+                    # the sum over this rank's rows -> its share of the micro-batch mean
+                    loss = self._loss(x, pb, rows, row, epoch) * (world / (e - s))
+                if cfg.grad_accumulation != 1:
+                    loss = loss / cfg.grad_accumulation
+                loss_v = loss.item() if world == 1 else _dist.all_reduce_sum([loss.item()])[0] / world
+                if not math.isfinite(loss_v):
+                    raise NonFiniteLoss(f"student training reached a non-finite loss in epoch {epoch}; lower --lr.")
+                loss.backward()
+            total += loss_v
+        self.optimizer.step()
+        return total
+
+    def _loss(self, x, pb, rows, row, epoch):
+        out = self.net(x)
+        return _student_loss(out, x, pb, rows, row, self.labels, self.cfg, epoch, self.teacher, self.store, x.device)
+
+
 def _student_loss(out, x, pb, rows, row, labels, cfg: TrainConfig, epoch, teacher, store, device):
-    """The loss of a batch (``rows`` None: whole batch, mean) or of a rank's rows of it (sum)."""
+    """The loss of a batch (``rows`` None: whole batch, mean) or of some rows of it (sum)."""
     reduction = "mean" if rows is None else "sum"
     sel = slice(None) if rows is None else rows
     if cfg.label_mode == "hard":
@@ -179,16 +280,24 @@ def _student_loss(out, x, pb, rows, row, labels, cfg: TrainConfig, epoch, teache
     else:
         with torch.no_grad():
             target = F.softmax(teacher(x).float() / cfg.temperature, dim=1)
-    return F.kl_div(F.log_softmax(out.float() / cfg.temperature, dim=1), target,
+    loss = F.kl_div(F.log_softmax(out.float() / cfg.temperature, dim=1), target,
                     reduction="batchmean" if rows is None else "sum")
+    if cfg.kd_t2:
+        # train_kd.py (Tiny-ImageNet) keeps the gradient scale of the hard-label loss this way.
+        loss = loss * (cfg.temperature ** 2)
+    return loss
 
 
 def _resume_key(cfg: TrainConfig) -> dict:
+    # The recipe's name is provenance: the resolved values decide whether a run may resume.
     d = dataclasses.asdict(cfg)
-    return {k: v for k, v in d.items() if k not in ("overwrite", "progress", "device", "loader", "out")}
+    return {k: v for k, v in d.items() if k not in ("overwrite", "progress", "device", "loader", "out", "recipe")}
 
 
-def make_evaluator(val: str, norm: Normalization, image_size: int, device, loader: str = "auto", seed: int = 0):
+def make_evaluator(val: str, norm: Normalization, image_size: int, device, loader: str = "auto", seed: int = 0,
+                   val_resize: str = "resize-crop"):
+    """Top-1 on real data: a built-in test split, or an ImageFolder (val/) tree read with
+    resize + centre crop (``resize-crop``) or as the raw images (``none``)."""
     check_data_path(val)
     if is_builtin(val):
         test = load_builtin(val, "test", seed)
@@ -198,20 +307,20 @@ def make_evaluator(val: str, norm: Normalization, image_size: int, device, loade
     val_dir = os.path.join(val, "val") if os.path.isdir(os.path.join(val, "val")) else val
     vl = build_loader(LoaderConfig(root=val_dir, train=False, image_size=image_size, batch_size=250,
                                    mean=norm.mean, std=norm.std, loader=loader, device=str(device),
-                                   shard_id=_dist.rank(), num_shards=_dist.world_size()))
+                                   shard_id=_dist.rank(), num_shards=_dist.world_size(),
+                                   val_resize=val_resize == "resize-crop"))
     return lambda model: evaluate_loader(model, vl, device)
 
 
 @_dist.stage
 def run_train(cfg: TrainConfig) -> dict:
-    if cfg.epochs <= 0:
-        raise UserError(f"--epochs must be positive, got {cfg.epochs}.")
-    if cfg.label_mode not in ("soft", "hard"):
-        raise UserError(f"--label-mode must be 'soft' or 'hard', got {cfg.label_mode!r}.")
+    cfg, recipe_record = resolve_recipe(cfg, "train")
+    validate(cfg)
     if cfg.label_mode == "soft" and cfg.teacher is None and cfg.labels is None:
         raise UserError("soft-label training needs --teacher (online relabel) or --labels (a relabel directory).")
     device = _dist.resolve_device(cfg.device)
-    teacher = load_model(cfg.teacher, cfg.teacher_arch) if cfg.teacher else None
+    teacher = (load_model(cfg.teacher, cfg.teacher_arch, image_size=cfg.image_size, normalization=cfg.normalization)
+               if cfg.teacher else None)
     images, labels, norm = load_synthetic(cfg.syn, teacher, device)
     rec_path = os.path.join(cfg.syn, "recover_config.json")
     base = ModelSpec(**read_json(rec_path)["model"]) if os.path.exists(rec_path) else teacher.spec
@@ -231,7 +340,7 @@ def run_train(cfg: TrainConfig) -> dict:
     final = os.path.join(cfg.out, "student.pt")
     if os.path.exists(final) and not cfg.overwrite:
         raise UserError(f"{final} already exists; use --overwrite to train again.")
-    evaluate_fn = make_evaluator(cfg.val, norm, spec.image_size, device, cfg.loader, cfg.seed)
+    evaluate_fn = make_evaluator(cfg.val, norm, spec.image_size, device, cfg.loader, cfg.seed, cfg.val_resize)
     os.makedirs(cfg.out, exist_ok=True)
     _dist.barrier()  # every rank has checked the output before rank 0 touches it
     if cfg.overwrite and os.path.exists(os.path.join(cfg.out, "train.resume")) and _dist.is_main():
@@ -240,7 +349,8 @@ def run_train(cfg: TrainConfig) -> dict:
     res = train_student(images, labels, spec.num_classes, spec, cfg, evaluate_fn, teacher_model, store,
                         resume_path=os.path.join(cfg.out, "train.resume"))
     model = res.pop("model")
-    out = {"config": dataclasses.asdict(cfg), "model": spec.to_dict(), "results": res, "environment": environment(),
+    out = {"config": dataclasses.asdict(cfg), "recipe": recipe_record, "model": spec.to_dict(), "results": res,
+           "environment": environment(),
            "num_images": int(images.shape[0]), "world_size": _dist.world_size()}
     if _dist.is_main():
         save_checkpoint(final, model, spec, norm.mean, norm.std, [str(i) for i in range(spec.num_classes)],
