@@ -62,6 +62,9 @@ SREL_FAST_VARIANTS = {
     "srel-fast-fp32": {"amp": "none"},
     # CUDA graphs cannot capture the torch crop path (host-side box sizes): off here.
     "srel-fast-torch-backend": {"backend": "torch", "cuda_graphs": False},
+    # the extension's kernels as opaque custom ops under compile ("cuda" or "cpu" by device),
+    # where auto hands the BN statistics to inductor as plain ops
+    "srel-fast-custom-ops": {"backend": "extension"},
     "srel-fast-no-channels-last": {"channels_last": False},
     "srel-fast-no-cuda-graphs": {"cuda_graphs": False},
     "srel-fast-batch-crop": {"crop_mode": "batch"},
@@ -311,7 +314,7 @@ class SrelFastRecovery:
         self.x = self.rec.batch_images(batch, seed)
         self.targets = (torch.arange(batch) % num_classes).to(device)
         self.gen = torch.Generator(device=device).manual_seed(seed + 1)
-        self.optimizer = torch.optim.Adam([self.x], lr=self.cfg.lr, betas=(0.5, 0.9), eps=1e-8)
+        self.optimizer = self.rec.optimizer(self.x)
         self.images_per_iteration = batch
 
     def settings(self) -> dict:
@@ -532,7 +535,7 @@ class Running:
         key = "self_cuda_time_total" if self.dev.type == "cuda" else "self_cpu_time_total"
         with open(path, "w") as f:
             f.write(f"# torch.profiler, {self.name}, {steps} iterations, sorted by {key}\n")
-            f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+            f.write(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=160))
         self.rec["profile"] = os.path.basename(path)
 
     def finish(self) -> dict:
@@ -680,6 +683,8 @@ def build_provider(name: str, ctx: Context):
         if name in CUDA_ONLY and dev.type != "cuda":
             raise RuntimeError(f"{name} is a CUDA-only ablation (no CUDA graphs on {dev.type})")
         over = dict(SREL_FAST_VARIANTS[name])
+        if over.get("backend") == "extension":
+            over["backend"] = dev.type
         if ctx.amp is None and "amp" not in over:
             over["amp"] = "none"
         over.setdefault("check_every", ctx.check_every)
@@ -784,11 +789,16 @@ PROVIDER_DOC = {
                "hooks (mean + permute/contiguous/var), host-drawn batch-wide RandomResizedCrop + flip + roll, "
                "Adam, per-channel clamp.",
     REFERENCE_COMPILED: "the same loss with AMP and torch.compile of model + hooks + loss (crop eager).",
-    SREL_FAST: "Recoverer fast path: fused BN-stat kernels (backend auto), AMP, channels_last, torch.compile, "
-               "CUDA graphs on CUDA, per-image crops drawn on the device.",
+    SREL_FAST: "Recoverer fast path: backend auto (under compile: BN statistics as plain ops fused by inductor, "
+               "the crop kernel as a custom op), AMP, channels_last, torch.compile, CUDA graphs on CUDA, "
+               "per-image crops drawn on the device, fused Adam on CUDA.",
     "srel-fast-no-compile": "srel-fast without torch.compile / CUDA graphs.",
     "srel-fast-fp32": "srel-fast without AMP.",
-    "srel-fast-torch-backend": "srel-fast with the plain-PyTorch backend (hooks + torch multicrop) under compile.",
+    "srel-fast-torch-backend": "srel-fast with the original code's BN hooks and the per-image torch crop under "
+                               "compile (no CUDA graphs: the torch crop reads box sizes on the host).",
+    "srel-fast-custom-ops": "srel-fast with the extension's fused BN-statistics and crop kernels as opaque custom ops "
+                            "under compile (backend cuda / cpu); srel-fast's auto gives inductor the BN statistics "
+                            "as plain ops instead, to fuse with the layers around them.",
     "srel-fast-no-channels-last": "srel-fast without channels_last.",
     "srel-fast-no-cuda-graphs": "srel-fast without CUDA graphs (CUDA only).",
     "srel-fast-batch-crop": "srel-fast with one crop per batch (the paper's augmentation) instead of per image.",

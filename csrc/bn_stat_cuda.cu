@@ -475,28 +475,58 @@ __global__ void __launch_bounds__(kThreads, 4) stat_rows_kernel(
 }
 
 // ---------------------------------------------------------------- forward, merge of the partials
-// One thread per (g, c): Chan's formula over the S partials, in double.
+// One block per (g, c): its S partials (S reaches 16 x SMs for channels-last data) are
+// reduced by all threads of the block, in double: first the count and the sum of
+// count x mean, then (Chan) the sum of M2 + count x (mean - mu)^2 about the merged mean.
+// One thread per (g, c) looping over S serially was latency-bound: ~240 us per call
+// at S = 2112 on an H200 (ResNet-18, channels_last), 4.8 ms per recovery iteration.
+constexpr int kFinThreads = 256;
+
 template <typename part_t>
-__global__ void stat_finalize_kernel(const part_t* __restrict__ part, float* __restrict__ mean,
-                                     float* __restrict__ var, int64_t GC, int64_t C, int64_t S, int64_t P) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= GC) return;
+__global__ void __launch_bounds__(kFinThreads) stat_finalize_kernel(const part_t* __restrict__ part,
+                                                                   float* __restrict__ mean,
+                                                                   float* __restrict__ var, int64_t C, int64_t S,
+                                                                   int64_t P) {
+  const int64_t i = blockIdx.x;  // g * C + c
   const int64_t g = i / C, c = i - g * C;
   const part_t* pn = part + g * S * C + c;
+  const int tid = threadIdx.x;
+  __shared__ double s_n[kFinThreads];
+  __shared__ double s_v[kFinThreads];
   double n = 0.0, sum = 0.0;
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = tid; s < S; s += kFinThreads) {
     const double k = static_cast<double>(pn[s * C]);
     n += k;
     sum += k * static_cast<double>(pn[P + s * C]);
   }
-  const double mu = sum / n;
+  s_n[tid] = n;
+  s_v[tid] = sum;
+  __syncthreads();
+  for (int w = kFinThreads / 2; w > 0; w >>= 1) {
+    if (tid < w) {
+      s_n[tid] += s_n[tid + w];
+      s_v[tid] += s_v[tid + w];
+    }
+    __syncthreads();
+  }
+  const double ntot = s_n[0];
+  const double mu = s_v[0] / ntot;
+  __syncthreads();  // every thread has read s_v[0] before it is reused
   double m2 = 0.0;
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = tid; s < S; s += kFinThreads) {
     const double d = static_cast<double>(pn[P + s * C]) - mu;
     m2 += static_cast<double>(pn[2 * P + s * C]) + static_cast<double>(pn[s * C]) * d * d;
   }
-  mean[i] = static_cast<float>(mu);
-  var[i] = static_cast<float>(m2 / n);
+  s_v[tid] = m2;
+  __syncthreads();
+  for (int w = kFinThreads / 2; w > 0; w >>= 1) {
+    if (tid < w) s_v[tid] += s_v[tid + w];
+    __syncthreads();
+  }
+  if (tid == 0) {
+    mean[i] = static_cast<float>(mu);
+    var[i] = static_cast<float>(s_v[0] / ntot);
+  }
 }
 
 // ---------------------------------------------------------------- backward
@@ -712,10 +742,10 @@ std::tuple<at::Tensor, at::Tensor> bn_stat_fwd_cuda(const at::Tensor& x, const a
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t GC = G * C;
-  const int fin_threads = 128;
+  TORCH_CHECK(GC <= INT32_MAX, "bn_stat: too many channels x groups");
   AT_DISPATCH_FLOATING_TYPES(part.scalar_type(), "bn_stat_fwd_cuda_finalize", [&] {
-    stat_finalize_kernel<scalar_t><<<static_cast<unsigned>(cdiv(GC, fin_threads)), fin_threads, 0, stream>>>(
-        part.const_data_ptr<scalar_t>(), mean.data_ptr<float>(), var.data_ptr<float>(), GC, C, S, G * S * C);
+    stat_finalize_kernel<scalar_t><<<static_cast<unsigned>(GC), kFinThreads, 0, stream>>>(
+        part.const_data_ptr<scalar_t>(), mean.data_ptr<float>(), var.data_ptr<float>(), C, S, G * S * C);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {mean, var};

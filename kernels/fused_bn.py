@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ._backend import check_backend
 from .bn_stat_loss import _dims, bn_stat_loss_from_moments, forward_impl, moment_coeffs, new_like
 
-__all__ = ["fused_batch_norm_stat", "fused_batch_norm_stat_reference", "FusedBatchNormStat", "BNStatMatching",
+__all__ = ["fused_batch_norm_stat", "fused_batch_norm_stat_reference", "fused_batch_norm_stat_decomposed", "FusedBatchNormStat", "BNStatMatching",
            "bn_stat_matching"]
 
 
@@ -103,6 +103,28 @@ def fused_batch_norm_stat(x: Tensor, running_mean: Tensor, running_var: Tensor, 
     return y, bn_stat_loss_from_moments(mean, var, running_mean, running_var, loss_weight)
 
 
+def fused_batch_norm_stat_decomposed(x: Tensor, running_mean: Tensor, running_var: Tensor,
+                                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
+                                     loss_weight=1.0, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """The same (y, loss) as plain tensor ops, for torch.compile: ``auto`` takes this
+    path while compiling. The custom op is opaque to inductor, which then needs a
+    pass of its own for the statistics (read x, write y) and one for the ReLU after
+    it (read y, write); from plain ops it fuses the statistics into one Welford
+    reduction, eval BN into the following pointwise kernel (ReLU, residual add) and,
+    in the backward, the statistics term into the BN and ReLU backward: one read of x
+    and one write fewer per BN layer each way. Statistics in float32 as the kernels'."""
+    dims = [d + 1 for d in range(x.dim()) if d != 1]  # over (N within a group, spatial)
+    xg = x.float().unflatten(0, (groups, -1))
+    var, mean = torch.var_mean(xg, dims, correction=0)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    s, t = _scale_bias(running_mean, running_var, weight, bias, eps)
+    if (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad):
+        y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    else:  # frozen BN (recovery): one multiply-add, in x's dtype like the kernels' y
+        y = (x.float() * s.view(shape) + t.view(shape)).to(x.dtype)
+    return y, bn_stat_loss_from_moments(mean, var, running_mean, running_var, loss_weight)
+
+
 def fused_batch_norm_stat_reference(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, loss_weight=1.0,
                                     groups=1):
     """Plain PyTorch: F.batch_norm(training=False) + bn_stat_loss_reference."""
@@ -140,8 +162,12 @@ class FusedBatchNormStat(nn.Module):
         self.stat_loss: Optional[Tensor] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        y, loss = fused_batch_norm_stat(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                                        self.loss_weight, self.backend, self.groups)
+        if self.backend == "auto" and torch.compiler.is_compiling():
+            y, loss = fused_batch_norm_stat_decomposed(x, self.running_mean, self.running_var, self.weight,
+                                                       self.bias, self.eps, self.loss_weight, self.groups)
+        else:
+            y, loss = fused_batch_norm_stat(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                            self.loss_weight, self.backend, self.groups)
         self.stat_loss = loss
         return y
 

@@ -197,3 +197,61 @@ def test_fused_gpu(dtype, layout):
         lt, gt = TOL[dtype]
         torch.testing.assert_close(loss.double(), lr.detach(), rtol=lt, atol=1e-6)
         torch.testing.assert_close(xx.grad.double(), xd.grad, rtol=0, atol=gt * xd.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("affine_grad", [False, True])
+def test_decomposed_path_matches_reference_float64(groups, layout, affine_grad):
+    """The plain-op path ``auto`` uses under torch.compile: same y, loss and every gradient."""
+    from srel_fast.kernels.fused_bn import fused_batch_norm_stat_decomposed
+
+    x, rm, rv = make_input((4, 6, 5, 7), layout, torch.float64, seed=7)
+    w, b = (t.double() for t in bn_params(6))
+    gy = torch.randn(x.shape, dtype=torch.float64)
+    grads = []
+    for fn in (fused_batch_norm_stat_decomposed, fused_batch_norm_stat_reference):
+        xx = x.detach().clone().requires_grad_(True)
+        ww, bb = (t.detach().clone().requires_grad_(affine_grad) for t in (w, b))
+        y, loss = fn(xx, rm.double(), rv.double(), ww, bb, 1e-5, 0.3, groups=groups)
+        ((y * gy).sum() + loss).backward()
+        grads.append((y.detach(), loss.detach(), xx.grad, ww.grad, bb.grad))
+    (y1, l1, g1, w1, b1), (y2, l2, g2, w2, b2) = grads
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(l1.double(), l2.double())
+    torch.testing.assert_close(g1, g2)
+    if affine_grad:
+        torch.testing.assert_close(w1, w2)
+        torch.testing.assert_close(b1, b2)
+
+
+def test_auto_under_compile_takes_the_plain_op_path_with_the_same_result():
+    """``auto`` inside torch.compile traces plain ops (inductor fuses them with the layers
+    around); the loss and input gradient equal the eager custom-op path's."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)).eval()
+    for m in model:
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 3, 12, 12)
+    seen = []
+
+    def loss_of(xx):
+        with bn_stat_matching(model, backend="auto") as stats:
+            out = model(xx)
+            seen.append(torch.compiler.is_compiling())
+            return out.square().mean() + stats.loss()
+
+    results = []
+    for fn in (loss_of, torch.compile(loss_of, backend="aot_eager", fullgraph=True)):
+        xx = x.clone().requires_grad_(True)
+        loss = fn(xx)
+        loss.backward()
+        results.append((loss.detach(), xx.grad))
+    assert seen == [False, True]
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
