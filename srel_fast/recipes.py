@@ -49,6 +49,9 @@ class Recipe:
     values: dict[str, dict[str, Any]]                    # stage -> config field -> value
     not_covered: dict[str, str] = field(default_factory=dict)   # stage -> why the recipe has no values for it
     stage_rules: dict[str, dict[str, str]] = field(default_factory=dict)  # fields left to the stage's own rule
+    # The official code's fp32 arithmetic unless --amp is given (the paper recipes); else the
+    # device's fast path decides (srel_fast.recover.resolve_speed).
+    official_arithmetic: bool = False
 
 
 _SREL_SQUEEZE = dict(
@@ -112,6 +115,7 @@ RECIPES: dict[str, Recipe] = {
         },
         not_covered={"squeeze": "the paper recovers from torchvision's pretrained IMAGENET1K_V1 weights "
                                 "('recover --recipe sre2l-imagenet --arch resnet18 --weights FILE')"},
+        official_arithmetic=True,
     ),
     "sre2l-tiny": Recipe(
         name="sre2l-tiny",
@@ -135,6 +139,7 @@ RECIPES: dict[str, Recipe] = {
                           kd_t2=True, val_resize="none", normalization="tiny-imagenet", image_size=64),
             "demo": {},
         },
+        official_arithmetic=True,
     ),
 }
 

@@ -40,7 +40,7 @@ from .errors import NonFiniteLoss, UserError
 from .files import append_jsonl, environment, read_json, read_jsonl, write_json
 from .images import IMAGE_FORMATS, PIXEL_ROUNDINGS, image_path, save_image
 from .models import MEAN_STD, load_model, require_batchnorm
-from .recipes import apply_recipe, resolve_recipe
+from .recipes import apply_recipe, get_recipe, resolve_recipe
 
 CLASS_LAYOUTS = ("consecutive", "round-robin")
 
@@ -72,11 +72,12 @@ class RecoverConfig:
     normalization: str | None = None   # mean/std for weights that carry none (plain state dicts)
     image_size: int | None = None      # input size for weights that carry none (plain state dicts, --arch alone)
     # The fast path: speed switches; each can be turned off on its own to measure what it brings.
-    backend: str = "torch"             # torch (reference) | auto | triton | cuda | cpu
-    amp: str = "none"                  # none | bf16 | fp16 autocast of the model (statistics stay fp32)
-    channels_last: bool = False
-    compile: bool = False              # torch.compile of the loss (model, BN term, augmentation)
-    cuda_graphs: bool = False          # with compile: mode="reduce-overhead" (CUDA graphs)
+    # None: the device's fast path (FAST_PATH, resolve_speed).
+    backend: str | None = None         # torch (the original code's hooks) | auto | triton | cuda | cpu
+    amp: str | None = None             # none | bf16 | fp16 autocast of the model (statistics stay fp32)
+    channels_last: bool | None = None
+    compile: bool | None = None        # torch.compile of the loss (model, BN term, augmentation)
+    cuda_graphs: bool | None = None    # with compile: mode="reduce-overhead" (CUDA graphs)
     group_batches: int = 1             # recovery batches stacked into one launch (BN statistics per batch)
     check_every: int = 10              # iterations between loss checks (each check syncs the device)
     # The run.
@@ -105,6 +106,28 @@ class RecoverConfig:
             r_bn=cfg.r_bn if cfg.r_bn is not None else (0.01 if big else 1.0),
             jitter=cfg.jitter if cfg.jitter is not None else (32 if big else image_size // 16),
         )
+
+
+# The speed switches a device gets when none is given (each given flag overrides its own),
+# chosen by measurement, side by side (bench recover-step, ResNet-18 at 224):
+# - CUDA (H200, bench/results/h200_run2): fused statistics, bf16, channels_last, compile and
+#   CUDA graphs: 3.4x faster than the official loop, 1.15x the compiled floor.
+# - CPU (2 cores, bench/results/recover_step_resnet18-224_cpu.md): the C++ kernels in eager
+#   mode and fp32; compiling made the step slower there, and fp32 keeps a run's images the
+#   same on every CPU (bf16 autocast's speed depends on the CPU's instructions).
+FAST_PATH = {
+    "cuda": {"backend": "auto", "amp": "bf16", "channels_last": True, "compile": True, "cuda_graphs": True},
+    "cpu": {"backend": "auto", "amp": "none", "channels_last": False, "compile": False, "cuda_graphs": False},
+}
+
+
+def resolve_speed(cfg: "RecoverConfig", device: torch.device) -> "RecoverConfig":
+    """Fill the speed switches left at None with the device's fast path. Under a paper recipe
+    the arithmetic stays the official fp32 unless --amp is given."""
+    fast = dict(FAST_PATH["cuda" if device.type == "cuda" else "cpu"])
+    if get_recipe(cfg.recipe).official_arithmetic:
+        fast["amp"] = "none"
+    return dataclasses.replace(cfg, **{k: v for k, v in fast.items() if getattr(cfg, k) is None})
 
 
 # Fields that may differ between runs writing into the same output tree (the recipe's
@@ -156,7 +179,7 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"crop scale range must satisfy 0 < min <= max <= 1, got {cfg.min_scale}..{cfg.max_scale}.")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"--on-nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}.")
-    if cfg.amp not in ("none", "bf16", "fp16"):
+    if cfg.amp is not None and cfg.amp not in ("none", "bf16", "fp16"):
         raise UserError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}.")
     if cfg.group_batches <= 0:
         raise UserError(f"--group-batches must be positive, got {cfg.group_batches}.")
@@ -206,7 +229,8 @@ class Recoverer:
 
     def __init__(self, model: torch.nn.Module, norm: Normalization, image_size: int, channels: int,
                  cfg: RecoverConfig, device: torch.device):
-        cfg = cfg.resolved(image_size)   # idempotent: a resolved config comes back unchanged
+        # idempotent: a resolved config comes back unchanged
+        cfg = resolve_speed(cfg.resolved(image_size), device)
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)  # no weight gradient is ever computed
@@ -432,9 +456,10 @@ def run_recover(cfg: RecoverConfig) -> dict:
     cfg = cfg.resolved(spec.image_size)
     from srel_fast.kernels import BACKENDS
 
-    if cfg.backend not in BACKENDS:
+    if cfg.backend is not None and cfg.backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}.")
     device = resolve_device(cfg.device)
+    cfg = resolve_speed(cfg, device)
     norm = Normalization(loaded.mean, loaded.std)
     record = {
         "config": dataclasses.asdict(cfg),

@@ -225,9 +225,21 @@ def test_decomposed_path_matches_reference_float64(groups, layout, affine_grad):
         torch.testing.assert_close(b1, b2)
 
 
-def test_auto_under_compile_takes_the_plain_op_path_with_the_same_result():
-    """``auto`` inside torch.compile traces plain ops (inductor fuses them with the layers
-    around); the loss and input gradient equal the eager custom-op path's."""
+def test_auto_under_compile_takes_the_plain_op_path_with_the_same_result(monkeypatch):
+    """``auto`` inside torch.compile on CUDA traces plain ops (inductor fuses them with the
+    layers around); the loss and input gradient equal the eager custom-op path's. (The plain
+    path is chosen for CUDA tensors; here it is forced on the CPU to test it without a GPU.)"""
+    from srel_fast.kernels import fused_bn
+
+    calls = []
+    real = fused_bn.fused_batch_norm_stat_decomposed
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fused_bn, "fused_batch_norm_stat_decomposed", spy)
+    monkeypatch.setattr(fused_bn, "plain_ops_under_compile", lambda x: torch.compiler.is_compiling())
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)).eval()
@@ -252,6 +264,6 @@ def test_auto_under_compile_takes_the_plain_op_path_with_the_same_result():
         loss = fn(xx)
         loss.backward()
         results.append((loss.detach(), xx.grad))
-    assert seen == [False, True]
+    assert seen == [False, True] and len(calls) == 2  # two BN layers, traced once
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
