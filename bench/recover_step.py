@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # python bench/recover_step.py
 from srel_fast.bn_matching import ReferenceBNMatching  # noqa: E402
 from srel_fast.data import Normalization  # noqa: E402
 from srel_fast.models import IMAGENET_MEAN_STD, ModelSpec, build_model  # noqa: E402
-from srel_fast.recover import RecoverConfig, Recoverer, cosine_lr  # noqa: E402
+from srel_fast.recover import FAST_PATH, RecoverConfig, Recoverer, cosine_lr  # noqa: E402
 
 from bench.baselines import DMConfig, DMStep, MTTConfig, MTTStep  # noqa: E402
 
@@ -65,6 +65,11 @@ SREL_FAST_VARIANTS = {
     # the extension's kernels as opaque custom ops under compile ("cuda" or "cpu" by device),
     # where auto hands the BN statistics to inductor as plain ops
     "srel-fast-custom-ops": {"backend": "extension"},
+    # the CUDA fast path's switches where the device's default differs (on the CPU: is compiling,
+    # bf16 or channels_last worth it there?)
+    "srel-fast-compile": {"compile": True},
+    "srel-fast-bf16": {"amp": "bf16"},
+    "srel-fast-channels-last": {"channels_last": True},
     "srel-fast-no-channels-last": {"channels_last": False},
     "srel-fast-no-cuda-graphs": {"cuda_graphs": False},
     "srel-fast-batch-crop": {"crop_mode": "batch"},
@@ -160,21 +165,16 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def fast_path(device: torch.device) -> dict:
+    """The speed switches srel-fast uses by default on this device type (srel_fast.recover.FAST_PATH)."""
+    return FAST_PATH["cuda" if device.type == "cuda" else "cpu"]
+
+
 def resolve_amp(device: torch.device) -> tuple[torch.dtype | None, str]:
-    """bf16 autocast on CUDA; on CPU bf16 too if a conv runs under it, else fp32."""
-    if device.type == "cuda":
-        return torch.bfloat16, "bf16"
-    try:
-        conv = torch.nn.Conv2d(3, 4, 3)
-        x = torch.randn(2, 3, 8, 8, requires_grad=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = conv(x)
-        y.float().sum().backward()
-        if y.dtype == torch.bfloat16 and x.grad is not None and torch.isfinite(x.grad).all():
-            return torch.bfloat16, "bf16"
-    except Exception:  # noqa: BLE001
-        pass
-    return None, "fp32"
+    """The AMP dtype of srel-fast's default fast path on the device: the precision that the
+    floor and reference-compiled are measured at, so that they compare like with like."""
+    amp = fast_path(device)["amp"]
+    return {"bf16": (torch.bfloat16, "bf16"), "fp16": (torch.float16, "fp16")}.get(amp, (None, "fp32"))
 
 
 def sync(device: torch.device) -> None:
@@ -302,13 +302,13 @@ class SrelFastRecovery:
 
     def __init__(self, model: torch.nn.Module, norm: Normalization, image_size: int, num_classes: int, batch: int,
                  device: torch.device, total_iterations: int, overrides: dict, seed: int = 0):
-        base = dict(out="", batch_size=batch, iterations=total_iterations, amp="bf16", channels_last=True,
-                    compile=True, cuda_graphs=device.type == "cuda", backend="auto", crop_mode="image", seed=seed)
+        # speed switches not overridden: the device's default fast path (resolve_speed)
+        base = dict(out="", batch_size=batch, iterations=total_iterations, crop_mode="image", seed=seed)
         base.update(overrides)
         if device.type != "cuda":
             base["cuda_graphs"] = False
-        self.cfg = RecoverConfig(**base).resolved(image_size)
-        self.rec = Recoverer(model, norm, image_size, 3, self.cfg, device)
+        self.rec = Recoverer(model, norm, image_size, 3, RecoverConfig(**base), device)
+        self.cfg = self.rec.cfg
         self.rec.__enter__()
         self.size = image_size
         self.x = self.rec.batch_images(batch, seed)
@@ -685,17 +685,16 @@ def build_provider(name: str, ctx: Context):
         over = dict(SREL_FAST_VARIANTS[name])
         if over.get("backend") == "extension":
             over["backend"] = dev.type
-        if ctx.amp is None and "amp" not in over:
-            over["amp"] = "none"
         over.setdefault("check_every", ctx.check_every)
         p = SrelFastRecovery(ctx.model(), ctx.norm, c.image_size, c.num_classes, c.batch, dev,
                              ctx.total_iterations, over, seed=ctx.seed)
         return p, p.settings()
     if name in (FLOOR, FLOOR_EAGER):
         compiled = name == FLOOR
-        p = FloorStep(ctx.model(), c.image_size, c.batch, dev, ctx.amp, channels_last=True, seed=ctx.seed,
+        cl = fast_path(dev)["channels_last"]
+        p = FloorStep(ctx.model(), c.image_size, c.batch, dev, ctx.amp, channels_last=cl, seed=ctx.seed,
                       compiled=compiled)
-        return p, {"amp": ctx.amp_name, "channels_last": True, "compile": compiled}
+        return p, {"amp": ctx.amp_name, "channels_last": cl, "compile": compiled}
     if name in BASELINES:
         if name not in c.baselines:
             raise RuntimeError(f"{name} is only defined for the convnet4-64 config")
@@ -789,9 +788,10 @@ PROVIDER_DOC = {
                "hooks (mean + permute/contiguous/var), host-drawn batch-wide RandomResizedCrop + flip + roll, "
                "Adam, per-channel clamp.",
     REFERENCE_COMPILED: "the same loss with AMP and torch.compile of model + hooks + loss (crop eager).",
-    SREL_FAST: "Recoverer fast path: backend auto (under compile: BN statistics as plain ops fused by inductor, "
-               "the crop kernel as a custom op), AMP, channels_last, torch.compile, CUDA graphs on CUDA, "
-               "per-image crops drawn on the device, fused Adam on CUDA.",
+    SREL_FAST: "Recoverer with the device's default fast path (srel_fast.recover.FAST_PATH): on CUDA backend "
+               "auto (under compile: BN statistics as plain ops fused by inductor, the crop kernel as a custom op), "
+               "bf16, channels_last, torch.compile, CUDA graphs, fused Adam; on the CPU the C++ kernels, fp32, "
+               "eager; per-image crops drawn on the device.",
     "srel-fast-no-compile": "srel-fast without torch.compile / CUDA graphs.",
     "srel-fast-fp32": "srel-fast without AMP.",
     "srel-fast-torch-backend": "srel-fast with the original code's BN hooks and the per-image torch crop under "
@@ -800,6 +800,9 @@ PROVIDER_DOC = {
                             "under compile (backend cuda / cpu); srel-fast's auto gives inductor the BN statistics "
                             "as plain ops instead, to fuse with the layers around them.",
     "srel-fast-no-channels-last": "srel-fast without channels_last.",
+    "srel-fast-compile": "srel-fast with torch.compile (the default on CUDA, not on the CPU).",
+    "srel-fast-bf16": "srel-fast with bf16 autocast (the default on CUDA, not on the CPU).",
+    "srel-fast-channels-last": "srel-fast with channels_last (the default on CUDA, not on the CPU).",
     "srel-fast-no-cuda-graphs": "srel-fast without CUDA graphs (CUDA only).",
     "srel-fast-batch-crop": "srel-fast with one crop per batch (the paper's augmentation) instead of per image.",
     FLOOR: "model forward + input-gradient backward only (frozen weights, no BN term, no crops), srel-fast's "
