@@ -41,11 +41,11 @@ else:
 def _providers():
     out = ["torch", "torch-shared"]
     if CUDA:
-        if _ext.has_op("multicrop", "cuda"):
+        if _ext.has_op("multicrop_resize", "cuda"):
             out.append("cuda")
         if triton_available():
             out.append("triton")
-    elif _ext.has_op("multicrop", "cpu"):
+    elif _ext.has_op("multicrop_resize", "cpu"):
         out.append("cpu")
     return out
 

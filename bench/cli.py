@@ -10,7 +10,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNEL_BENCHES = ("bench_bn_stat_loss.py", "bench_multicrop_resize.py")
+KERNEL_BENCHES = ("bench_bn_stat_loss.py", "bench_fused_bn_stat.py", "bench_multicrop_resize.py")
 COMMANDS = ("recover-step", "kernels", "loader")
 
 

@@ -130,7 +130,7 @@ dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 env = environment(dev)
 env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
 env["backends"] = {op: {b: _ext.has_op(op, b) for b in ("cpu", "cuda")} | {"triton": triton_available(),
-                   "auto": resolve_backend("auto", dev, op)} for op in ("bn_stat", "multicrop")}
+                   "auto": resolve_backend("auto", dev, op)} for op in ("bn_stat_loss", "multicrop_resize")}
 env["cuda_error"] = _ext.cuda_error()
 if dev.type == "cuda":
     p = torch.cuda.get_device_properties(dev)
