@@ -18,7 +18,7 @@ epochs; the reported rate is the median over timed epochs of
 images / wall seconds (the batch is consumed: for GPU batches the timing ends
 with a synchronise).
 
-    python -m bench.bench_loader --workers 2 --out bench/results/loader_cpu.json
+    python -m srel_fast.bench.bench_loader --workers 2 --out bench/results/loader_cpu.json
     srel-fast bench loader --workers 2 --out bench/results/loader_cpu.json
 
 ``--out X.json`` writes the JSON record (device, versions, date, exact
@@ -37,14 +37,9 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-from srel_fast.loaders import LoaderConfig, build_loader, dali_available  # noqa: E402
+from srel_fast.loaders import LoaderConfig, build_loader, dali_available
 
 ALL_LOADERS = ("dali-cpu", "torch", "dali-gpu")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

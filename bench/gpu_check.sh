@@ -125,7 +125,7 @@ env_step() {
 import json, os, torch
 from srel_fast.kernels import _ext
 from srel_fast.kernels._backend import resolve_backend, triton_available
-from bench.recover_step import environment
+from srel_fast.bench.recover_step.device import environment
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 env = environment(dev)
 env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
@@ -165,7 +165,7 @@ if ! "$PY" -c "import srel_fast.kernels" 2>/dev/null; then
   note "[install] package imported from $WORK/shim (pip install failed)"
 fi
 run env 60 env_step
-run kernels 180 "$PY" -m bench.kernel_check --out "$WORK/kernels" $([ "$DRY" = 1 ] && echo --dry-run)
+run kernels 180 "$PY" -m srel_fast.bench.kernel_check --out "$WORK/kernels" $([ "$DRY" = 1 ] && echo --dry-run)
 run r18 240 "$PY" -m srel_fast.cli bench recover-step --config resnet18-224 $SMALL --providers "$R18" --profile "$PROFILE" --out-dir "$WORK/bench"
 run tests 180 "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests
 run convnet 180 "$PY" -m srel_fast.cli bench recover-step --config convnet4-64 $SMALL --providers "$CONV" --out-dir "$WORK/bench"

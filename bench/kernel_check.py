@@ -1,7 +1,7 @@
 """Kernel correctness at real sizes and kernel speed against a copy of the same bytes.
 
-    python -m bench.kernel_check --out DIR            # on the GPU: ResNet-50 shapes, batch 100
-    python -m bench.kernel_check --dry-run --out DIR  # same steps, tiny sizes, CPU backends
+    python -m srel_fast.bench.kernel_check --out DIR            # on the GPU: ResNet-50 shapes, batch 100
+    python -m srel_fast.bench.kernel_check --dry-run --out DIR  # same steps, tiny sizes, CPU backends
 
 check: every available backend of bn_stat_loss (moments, fused eval BN + moments, the
 backward pass with and without dy) and of multicrop_resize (forward, backward) against a
@@ -30,20 +30,18 @@ import time
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.recover_step import environment  # noqa: E402
-from srel_fast.kernels import _ext  # noqa: E402
-from srel_fast.kernels._backend import triton_available, triton_interpret  # noqa: E402
-from srel_fast.kernels.bn_stat_loss import backward_impl, forward_impl  # noqa: E402
-from srel_fast.kernels.crop_sampler import sample_crop_boxes, sample_flip_shift  # noqa: E402
-from srel_fast.kernels.multicrop_resize import (  # noqa: E402
+from srel_fast.kernels import _ext
+from srel_fast.kernels._backend import triton_available, triton_interpret
+from srel_fast.kernels.bn_stat_loss import backward_impl, forward_impl
+from srel_fast.kernels.crop_sampler import sample_crop_boxes, sample_flip_shift
+from srel_fast.kernels.multicrop_resize import (
     _bwd_impl as multicrop_bwd,
     _fwd_impl as multicrop_fwd,
     _sample_backward,
     multicrop_resize_reference,
 )
+
+from .recover_step.device import environment
 
 # Norm-wise relative error allowed (METHOD: fp32 arithmetic lands far under 1e-3,
 # bf16 outputs between 1e-3 and 1e-2; statistics accumulate in fp32 for both).
@@ -290,7 +288,7 @@ def main(argv=None) -> int:
     dry = device.type == "cpu"
     os.makedirs(ns.out, exist_ok=True)
     parts = set(ns.parts.split(","))
-    meta = {"environment": environment(device), "command": shlex.join(["python", "-m", "bench.kernel_check", *(argv or sys.argv[1:])]),
+    meta = {"environment": environment(device), "command": shlex.join(["python", "-m", "srel_fast.bench.kernel_check", *(argv or sys.argv[1:])]),
             "dry_run": dry}
     status = 0
     if "check" in parts:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,8 +314,7 @@ def test_train_augmentation_reproducible(fm_tree, backend):
 
 @needs_fmnist
 def test_bench_loader_smoke(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench import bench_loader
+    from srel_fast.bench import bench_loader
 
     out = tmp_path / "r" / "loader.json"
     rc = bench_loader.main(["--per-class", "6", "--epochs", "1", "--warmup", "0", "--batch-size", "16",
