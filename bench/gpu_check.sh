@@ -9,7 +9,7 @@
 #             then build the C++/CUDA extension for sm_90 through the JIT loader
 #             (TORCH_CUDA_ARCH_LIST=9.0, ninja, cached): a build error is printed in full
 #   env       versions, the GPU, which backend of each op loaded (and why not)
-#   kernels   bench/kernel_check.py: float64 checks at ResNet-50 shapes (both layouts, fp32/bf16,
+#   kernels   srel_fast/bench/kernel_check.py: float64 checks at ResNet-50 shapes (both layouts, fp32/bf16,
 #             one > 2^31-element tensor), then each kernel's time against a copy of the same bytes
 #   r18       bench recover-step resnet18-224 (reference, reference-compiled, srel-fast, ablations,
 #             floor), with a torch.profiler table of srel-fast
@@ -156,13 +156,9 @@ export -f install_step env_step cli_step
 note "gpu_check: dry_run=$DRY budget=${BUDGET}s steps=$STEPS out=$OUT $(date -u +%FT%TZ)"
 run install 300 install_step
 if ! "$PY" -c "import srel_fast.kernels" 2>/dev/null; then
-  # pip could not install the package: import it from the tree through a folder of links
-  # (srel_fast/ with kernels/ and csrc/ beside its modules, as the installed layout has them)
-  mkdir -p "$WORK/shim/srel_fast"
-  for f in "$PWD"/srel_fast/*; do ln -sf "$f" "$WORK/shim/srel_fast/"; done
-  ln -sfn "$PWD/kernels" "$WORK/shim/srel_fast/kernels"; ln -sfn "$PWD/csrc" "$WORK/shim/srel_fast/csrc"
-  export PYTHONPATH="$WORK/shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  note "[install] package imported from $WORK/shim (pip install failed)"
+  # pip could not install the package: import it from the tree (the installed layout)
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  note "[install] package imported from $PWD (pip install failed)"
 fi
 run env 60 env_step
 run kernels 180 "$PY" -m srel_fast.bench.kernel_check --out "$WORK/kernels" $([ "$DRY" = 1 ] && echo --dry-run)

@@ -165,7 +165,8 @@ def run_continual(cfg: ContinualConfig) -> dict:
     from .demo import random_real_subset
     from .models import ModelSpec, load_model
     from .recover import resolve_device
-    from .train import TrainConfig, load_synthetic, train_student
+    from .images import load_synthetic
+    from .train import TrainConfig, train_student
     from .training import evaluate
 
     steps_list = _parse_steps(cfg.steps)

@@ -25,12 +25,12 @@ import torch
 from .data import load_builtin
 from .errors import UserError
 from .files import environment, read_json, write_json
-from .images import load_tree, save_grid
+from .images import load_synthetic, load_tree, save_grid
 from .models import ModelSpec, load_model
 from .recipes import DEFAULT_RECIPE, get_recipe, resolve_recipe
 from .recover import RecoverConfig, resolve_device, run_recover
 from .squeeze import SqueezeConfig, run_squeeze
-from .train import TrainConfig, load_synthetic, make_evaluator, train_student
+from .train import TrainConfig, make_evaluator, train_student
 
 
 @dataclass

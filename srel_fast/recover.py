@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import shutil
@@ -41,6 +40,7 @@ from .files import append_jsonl, environment, read_json, read_jsonl, write_json
 from .images import IMAGE_FORMATS, PIXEL_ROUNDINGS, image_path, save_image
 from .models import MEAN_STD, load_model, require_batchnorm
 from .recipes import apply_recipe, get_recipe, resolve_recipe
+from .seeds import derived_seed
 
 CLASS_LAYOUTS = ("consecutive", "round-robin")
 
@@ -203,8 +203,7 @@ def class_batches(num_classes: int, batch_size: int, layout: str = "round-robin"
 
 
 def job_seed(seed: int, ipc_index: int, batch_index: int) -> int:
-    digest = hashlib.sha256(f"srel-fast/recover/{seed}/{ipc_index}/{batch_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derived_seed("recover", seed, ipc_index, batch_index)
 
 
 def cosine_lr(base_lr: float, iteration: int, iterations: int) -> float:

@@ -1,4 +1,4 @@
-"""The recovery-step benchmark (bench/recover_step/, bench/baselines.py): every
+"""The recovery-step benchmark (srel_fast/bench/recover_step/, srel_fast/bench/baselines.py): every
 provider runs, DM and MTT compute what their papers say, the reference equals
 the Recoverer's torch backend, and the reports are written."""
 import copy

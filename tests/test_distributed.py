@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from conftest import tree_bytes
 from srel_fast.models import load_model
 from srel_fast.recover import RecoverConfig, run_recover
-from srel_fast.relabel import (RelabelConfig, SoftLabelStore, epoch_plan, index_dtype, make_inputs,
-                               reference_bytes, run_relabel)
-from srel_fast.train import TrainConfig, load_synthetic, run_train
+from srel_fast.crop_plan import epoch_plan, make_inputs
+from srel_fast.images import load_synthetic
+from srel_fast.relabel import RelabelConfig, run_relabel
+from srel_fast.soft_labels import SoftLabelStore, index_dtype, reference_bytes
+from srel_fast.train import TrainConfig, run_train
 
 
 def _torchrun(*args, nproc=2, timeout=240):

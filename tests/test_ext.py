@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from srel_fast.kernels import _ext
+from srel_fast.kernels._backend import reset_for_tests
 
 
 @pytest.fixture
@@ -11,7 +12,7 @@ def fresh_ext_state(monkeypatch):
     saved = dict(_ext._state)
     monkeypatch.delenv("SREL_FAST_NO_EXT", raising=False)
     monkeypatch.setenv("SREL_FAST_JIT", "1")
-    _ext._reset_for_tests()
+    reset_for_tests()
     yield
     _ext._state.clear()
     _ext._state.update(saved)

@@ -1,4 +1,4 @@
-"""Tests for srel_fast.loaders (issue #6): DALI CPU and torch image loaders.
+"""Tests for srel_fast.loaders: DALI CPU and torch image loaders.
 
 Small trees in tmp dirs; every sample of an epoch is identified by matching
 its pixels against the decoded source files, so label mapping, coverage and

@@ -8,7 +8,7 @@ from conftest import recover, tree_bytes
 from srel_fast.bn_matching import ReferenceBNMatching
 from srel_fast.errors import NonFiniteLoss, UserError
 from srel_fast.models import ModelSpec, bn_layers, build_model, load_model
-from srel_fast.recover import RecoverConfig, class_batches, cosine_lr, run_recover
+from srel_fast.recover import class_batches, cosine_lr
 
 
 def _bn_model(seed=0, arch="convnet3", channels=1, size=8, width=6, classes=5):

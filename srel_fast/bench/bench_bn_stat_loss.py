@@ -1,7 +1,7 @@
 """Micro-benchmark of bn_stat_loss (pytest-benchmark); the fused eval BN is in bench_fused_bn_stat.py.
 
-    pytest bench/bench_bn_stat_loss.py                        # CPU: scaled-down shapes
-    pytest bench/bench_bn_stat_loss.py --benchmark-json=bench/results/bn_stat_<device>.json   # GPU
+    srel-fast bench kernels -k bn_stat_loss                        # CPU: scaled-down shapes
+    srel-fast bench kernels -k bn_stat_loss --benchmark-json=bench/results/bn_stat_<device>.json   # GPU
 
 Each case is forward + backward (input gradient) at the BatchNorm input shapes
 of ResNet-50 for batch 100 at 224x224 on a GPU (scaled down on the CPU).

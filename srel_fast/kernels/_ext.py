@@ -42,8 +42,7 @@ NVCC_FLAGS = ["-O3", "-DSREL_FAST_WITH_CUDA"]
 
 
 def csrc_dir() -> str:
-    # Source checkout / editable install: <repo>/kernels -> <repo>/csrc.
-    # Wheel install: site-packages/srel_fast/kernels -> srel_fast/csrc (package data).
+    # srel_fast/kernels -> srel_fast/csrc (package data in a wheel).
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
 
@@ -159,14 +158,6 @@ def require_cuda_extension() -> None:
     ensure_loaded()
     if not _state["cuda"]:
         raise RuntimeError(f"srel_fast CUDA extension unavailable: {cuda_error()}")
-
-
-def _reset_for_tests() -> None:
-    from ._backend import _resolve
-
-    _state.update(loaded=None, error=None, cuda=False, cuda_error=None)
-    has_op.cache_clear()
-    _resolve.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)

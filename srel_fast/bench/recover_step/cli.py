@@ -34,7 +34,7 @@ from .providers import Context
 from .report import markdown, output_stem, plot, render
 from .timing import add_ratios, run_providers
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+RESULTS_DIR = os.path.join("bench", "results")  # of the source checkout, run from its root
 
 
 def build_parser() -> argparse.ArgumentParser:

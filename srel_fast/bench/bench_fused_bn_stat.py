@@ -1,7 +1,7 @@
 """Micro-benchmark of fused_bn_stat: eval BatchNorm + BN statistics loss in one read (pytest-benchmark).
 
-    pytest bench/bench_fused_bn_stat.py                        # CPU: scaled-down shapes
-    pytest bench/bench_fused_bn_stat.py --benchmark-json=bench/results/fused_bn_stat_<device>.json   # GPU
+    srel-fast bench kernels -k fused_bn_stat                        # CPU: scaled-down shapes
+    srel-fast bench kernels -k fused_bn_stat --benchmark-json=bench/results/fused_bn_stat_<device>.json   # GPU
 
 Forward + backward (input gradient, with an upstream dy) at the first two
 BatchNorm input shapes of ResNet-50 (bench_bn_stat_loss.py's shapes, devices
