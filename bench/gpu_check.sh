@@ -125,9 +125,9 @@ env_step() {
 import json, os, torch
 from srel_fast.kernels import _ext
 from srel_fast.kernels._backend import resolve_backend, triton_available
-from srel_fast.bench.recover_step.device import environment
+from srel_fast.bench.environment import device_environment
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-env = environment(dev)
+env = device_environment(dev)
 env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
 env["backends"] = {op: {b: _ext.has_op(op, b) for b in ("cpu", "cuda")} | {"triton": triton_available(),
                    "auto": resolve_backend("auto", dev, op)} for op in ("bn_stat_loss", "multicrop_resize")}

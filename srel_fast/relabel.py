@@ -88,16 +88,38 @@ def run_relabel(cfg: RelabelConfig) -> dict:
     n_cls = teacher.spec.num_classes
     if cfg.topk is not None and not (0 < cfg.topk <= n_cls):
         raise UserError(f"--topk must be between 1 and the class count {n_cls}, got {cfg.topk}.")
-    idx_dtype = index_dtype(n_cls)
-    meta = {
+    store = _open_store(cfg, _store_meta(cfg, teacher, images))
+    seconds = _label_epochs(cfg, store, teacher, images)
+    _dist.barrier()  # every epoch is on disk
+    missing = [e for e in range(cfg.epochs) if not store.has_epoch(e)]
+    if missing:
+        raise UserError(f"soft-label store {cfg.out} is missing epochs {missing[:5]}; run relabel again.")
+    results = _store_sizes(cfg, store, int(images.shape[0]), n_cls)
+    results.update(seconds=seconds, world_size=_dist.world_size())
+    if _dist.is_main():
+        write_json(os.path.join(cfg.out, "relabel_results.json"),
+                   {"config": dataclasses.asdict(cfg), "recipe": recipe_record, "results": results})
+        _print_sizes(cfg, results)
+    return results
+
+
+def _store_meta(cfg: RelabelConfig, teacher, images: torch.Tensor) -> dict:
+    """labels.json of the run (without its environment record)."""
+    n_cls = teacher.spec.num_classes
+    return {
         "format": STORE_FORMAT, "version": STORE_VERSION, "seed": cfg.seed, "epochs": cfg.epochs,
         "batch_size": cfg.batch_size, "num_images": int(images.shape[0]), "num_classes": n_cls,
         "temperature": cfg.temperature, "topk": cfg.topk, "topk_mode": cfg.topk_mode if cfg.topk else None,
-        "index_dtype": np.dtype(idx_dtype).name if cfg.topk else None,
+        "index_dtype": np.dtype(index_dtype(n_cls)).name if cfg.topk else None,
         "min_scale": cfg.min_scale, "max_scale": cfg.max_scale,
         "cutmix": cfg.cutmix, "syn": os.path.abspath(cfg.syn), "teacher": os.path.abspath(cfg.teacher),
         "image_size": teacher.spec.image_size,
     }
+
+
+def _open_store(cfg: RelabelConfig, meta: dict) -> SoftLabelStore:
+    """Check the output directory on every rank, then (rank 0) clear it for --overwrite and
+    write labels.json; the store every rank writes its epochs into."""
     meta_path = os.path.join(cfg.out, "labels.json")
     error = None
     try:  # every rank checks the directory before any rank writes to it
@@ -120,9 +142,15 @@ def run_relabel(cfg: RelabelConfig) -> dict:
                     os.remove(os.path.join(cfg.out, f))
         write_json(meta_path, {**meta, "environment": environment()})
     _dist.barrier()
-    store = SoftLabelStore(cfg.out)
-    model = teacher.model.to(device).eval()
+    return SoftLabelStore(cfg.out)
+
+
+def _label_epochs(cfg: RelabelConfig, store: SoftLabelStore, teacher, images: torch.Tensor) -> float:
+    """The teacher's logits for every crop of this rank's missing epochs, written to the store;
+    returns the seconds it took."""
+    model = teacher.model.to(images.device).eval()
     size = (teacher.spec.image_size, teacher.spec.image_size)
+    idx_dtype = index_dtype(teacher.spec.num_classes)
     rank, world = _dist.rank(), _dist.world_size()
     mine = list(range(rank, cfg.epochs, world))
     todo = [e for e in mine if not store.has_epoch(e)]
@@ -153,32 +181,31 @@ def run_relabel(cfg: RelabelConfig) -> dict:
             bar.update(1)
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - t0
-    _dist.barrier()  # every epoch is on disk
-    missing = [e for e in range(cfg.epochs) if not store.has_epoch(e)]
-    if missing:
-        raise UserError(f"soft-label store {cfg.out} is missing epochs {missing[:5]}; run relabel again.")
-    ref = reference_bytes(cfg.epochs, int(images.shape[0]), n_cls, cfg.batch_size, cfg.cutmix)
+    return time.perf_counter() - t0
+
+
+def _store_sizes(cfg: RelabelConfig, store: SoftLabelStore, num_images: int, num_classes: int) -> dict:
+    """The store's bytes against full fp16 logits and against the reference format."""
+    ref = reference_bytes(cfg.epochs, num_images, num_classes, cfg.batch_size, cfg.cutmix)
     full_bytes = ref["logits"]
     store_bytes, payload = store.nbytes(), store.payload_bytes()
-    results = {
+    return {
         "store_bytes": store_bytes, "store_payload_bytes": payload, "store_files": len(store.files()),
-        "bytes_per_crop": payload / (cfg.epochs * images.shape[0]),
+        "bytes_per_crop": payload / (cfg.epochs * num_images),
         "full_fp16_bytes": full_bytes, "reference_bytes": ref["total"], "reference_breakdown": ref,
         "compression": full_bytes / max(1, store_bytes),
         "compression_vs_reference": ref["total"] / max(1, store_bytes),
         "payload_compression": full_bytes / max(1, payload),
         "payload_compression_vs_reference": ref["total"] / max(1, payload),
-        "seconds": seconds, "world_size": world,
     }
-    if _dist.is_main():
-        write_json(os.path.join(cfg.out, "relabel_results.json"),
-                   {"config": dataclasses.asdict(cfg), "recipe": recipe_record, "results": results})
-        kind = f"top-{cfg.topk} {cfg.topk_mode}" if cfg.topk else "full fp16 logits"
-        _dist.main_print(
-            f"relabel: store ({kind}): {human_bytes(payload)} of label arrays ({results['bytes_per_crop']:.1f} B per crop), "
-            f"{human_bytes(store_bytes)} on disk in {results['store_files']} files; full fp16 logits "
-            f"{human_bytes(full_bytes)} ({results['payload_compression']:.1f}x the arrays); reference format "
-            f"(fp16 logits + crop/flip/CutMix parameters) {human_bytes(ref['total'])} "
-            f"({results['payload_compression_vs_reference']:.1f}x)")
-    return results
+
+
+def _print_sizes(cfg: RelabelConfig, results: dict) -> None:
+    ref, payload, store_bytes = results["reference_breakdown"], results["store_payload_bytes"], results["store_bytes"]
+    kind = f"top-{cfg.topk} {cfg.topk_mode}" if cfg.topk else "full fp16 logits"
+    _dist.main_print(
+        f"relabel: store ({kind}): {human_bytes(payload)} of label arrays ({results['bytes_per_crop']:.1f} B per crop), "
+        f"{human_bytes(store_bytes)} on disk in {results['store_files']} files; full fp16 logits "
+        f"{human_bytes(results['full_fp16_bytes'])} ({results['payload_compression']:.1f}x the arrays); reference format "
+        f"(fp16 logits + crop/flip/CutMix parameters) {human_bytes(ref['total'])} "
+        f"({results['payload_compression_vs_reference']:.1f}x)")

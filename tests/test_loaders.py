@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from srel_fast.jpeg_tree import FASHION_MNIST_DIR, make_fashion_mnist_jpeg_tree
+from srel_fast.bench.jpeg_tree import make_fashion_mnist_jpeg_tree
+from srel_fast.data import FASHION_MNIST_DIR
 from srel_fast.loaders import (
     CorruptImageError,
     LoaderConfig,

@@ -166,7 +166,7 @@ def test_skip_mode_reports_failed_batches_and_exits_nonzero(digits_teacher, tmp_
 
 @pytest.fixture()
 def small_jpeg_tree(tmp_path):
-    from srel_fast.jpeg_tree import make_fashion_mnist_jpeg_tree
+    from srel_fast.bench.jpeg_tree import make_fashion_mnist_jpeg_tree
 
     root = tmp_path / "tree"
     make_fashion_mnist_jpeg_tree(root, per_class=4, split="test")

@@ -41,7 +41,7 @@ from srel_fast.kernels.multicrop_resize import (
     multicrop_resize_reference,
 )
 
-from .recover_step.device import environment
+from .environment import device_environment
 
 # Norm-wise relative error allowed (METHOD: fp32 arithmetic lands far under 1e-3,
 # bf16 outputs between 1e-3 and 1e-2; statistics accumulate in fp32 for both).
@@ -288,7 +288,7 @@ def main(argv=None) -> int:
     dry = device.type == "cpu"
     os.makedirs(ns.out, exist_ok=True)
     parts = set(ns.parts.split(","))
-    meta = {"environment": environment(device), "command": shlex.join(["python", "-m", "srel_fast.bench.kernel_check", *(argv or sys.argv[1:])]),
+    meta = {"environment": device_environment(device), "command": shlex.join(["python", "-m", "srel_fast.bench.kernel_check", *(argv or sys.argv[1:])]),
             "dry_run": dry}
     status = 0
     if "check" in parts:

@@ -1,7 +1,8 @@
 """The recovery-step benchmark (`srel-fast bench recover-step`), one module per responsibility:
 
 - configs.py    provider names, srel-fast's ablations, the benchmark configs;
-- device.py     the device: name, environment record, srel-fast's fast path, AMP dtype, sync;
+- device.py     srel-fast's fast path on the device, its AMP dtype, sync (the environment record:
+                ../environment.py);
 - reference.py  the original SRe2L recovery iteration, re-implemented;
 - providers.py  the context and every provider (reference, srel-fast, floor, DM / MTT);
 - floor.py      the floor (model forward + input-gradient backward) and its FLOP floor;

@@ -29,7 +29,8 @@ import torch
 
 from ..baselines import DMConfig
 from .configs import CONFIGS, CUDA_ONLY, SREL_FAST_VARIANTS, BenchConfig, small_config
-from .device import device_name, environment, resolve_amp
+from ..environment import device_environment, device_name
+from .device import resolve_amp
 from .providers import Context
 from .report import markdown, output_stem, plot, render
 from .timing import add_ratios, run_providers
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "small": small,
         "command": command,
         "python_argv": list(sys.argv),
-        "environment": environment(device),
+        "environment": device_environment(device),
         "config": cfg_dict,
         "amp": amp_name,
         "warmup": ctx.warmup,
