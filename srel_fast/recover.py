@@ -211,11 +211,6 @@ def cosine_lr(base_lr: float, iteration: int, iterations: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * iteration / iterations)) * base_lr
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``/``cuda`` mean the local rank's GPU under torchrun (srel_fast.distributed)."""
-    return _dist.resolve_device(name)
-
-
 class Recoverer:
     """Holds the frozen model and runs recovery batches.
 
@@ -420,7 +415,10 @@ def prepare_output(cfg: RecoverConfig, record: dict) -> None:
     config_path = os.path.join(cfg.out, "recover_config.json")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UserError(f"output path {cfg.out} exists and is not a directory.")
-    if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+    # another rank's config being written (atomic_path's temporary file) does not make the tree foreign
+    entries = os.path.isdir(cfg.out) and [f for f in os.listdir(cfg.out)
+                                          if not (f.startswith(".recover_config.json.") and f.endswith(".tmp"))]
+    if entries:
         if cfg.overwrite:
             if not os.path.exists(config_path):
                 raise UserError(f"output directory {cfg.out} holds files that are not a recovery run; "
@@ -457,7 +455,7 @@ def run_recover(cfg: RecoverConfig) -> dict:
 
     if cfg.backend is not None and cfg.backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}.")
-    device = resolve_device(cfg.device)
+    device = _dist.resolve_device(cfg.device)
     cfg = resolve_speed(cfg, device)
     norm = Normalization(loaded.mean, loaded.std)
     record = {
