@@ -2,7 +2,7 @@
 
 Switches (environment variables), in the manner of flash-attention:
 - SREL_FAST_BUILD_EXT=0   never build the extension here (it can still be
-                          compiled lazily at first use, see srel_fast/kernels/_ext.py);
+                          compiled lazily at first use, see kernels/_ext.py);
 - SREL_FAST_FORCE_CUDA=1  compile the CUDA kernels even without a visible GPU
                           (needs nvcc and a CUDA build of torch);
 - SREL_FAST_NO_CUDA=1     CPU kernels only.
@@ -26,8 +26,8 @@ if os.environ.get("SREL_FAST_BUILD_EXT", "1") != "0":
         torch = None
     if torch is not None:
         here = os.path.dirname(os.path.abspath(__file__))
-        cpp = sorted(glob.glob(os.path.join("srel_fast", "csrc", "*.cpp")))
-        cu = sorted(glob.glob(os.path.join("srel_fast", "csrc", "*.cu")))
+        cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+        cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
         want_cuda = (
             os.environ.get("SREL_FAST_NO_CUDA", "0") != "1"
             and torch.version.cuda is not None

@@ -42,7 +42,7 @@ NVCC_FLAGS = ["-O3", "-DSREL_FAST_WITH_CUDA"]
 
 
 def csrc_dir() -> str:
-    # srel_fast/kernels -> srel_fast/csrc (package data in a wheel).
+    # kernels/ -> csrc/ in a checkout; srel_fast/kernels -> srel_fast/csrc (package data) in a wheel.
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
 
