@@ -9,7 +9,7 @@
 #             then build the C++/CUDA extension for sm_90 through the JIT loader
 #             (TORCH_CUDA_ARCH_LIST=9.0, ninja, cached): a build error is printed in full
 #   env       versions, the GPU, which backend of each op loaded (and why not)
-#   kernels   bench/kernel_check.py: float64 checks at ResNet-50 shapes (both layouts, fp32/bf16,
+#   kernels   srel_fast/bench/kernel_check.py: float64 checks at ResNet-50 shapes (both layouts, fp32/bf16,
 #             one > 2^31-element tensor), then each kernel's time against a copy of the same bytes
 #   r18       bench recover-step resnet18-224 (reference, reference-compiled, srel-fast, ablations,
 #             floor), with a torch.profiler table of srel-fast
@@ -125,12 +125,12 @@ env_step() {
 import json, os, torch
 from srel_fast.kernels import _ext
 from srel_fast.kernels._backend import resolve_backend, triton_available
-from bench.recover_step import environment
+from srel_fast.bench.environment import device_environment
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-env = environment(dev)
+env = device_environment(dev)
 env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
 env["backends"] = {op: {b: _ext.has_op(op, b) for b in ("cpu", "cuda")} | {"triton": triton_available(),
-                   "auto": resolve_backend("auto", dev, op)} for op in ("bn_stat", "multicrop")}
+                   "auto": resolve_backend("auto", dev, op)} for op in ("bn_stat_loss", "multicrop_resize")}
 env["cuda_error"] = _ext.cuda_error()
 if dev.type == "cuda":
     p = torch.cuda.get_device_properties(dev)
@@ -156,16 +156,12 @@ export -f install_step env_step cli_step
 note "gpu_check: dry_run=$DRY budget=${BUDGET}s steps=$STEPS out=$OUT $(date -u +%FT%TZ)"
 run install 300 install_step
 if ! "$PY" -c "import srel_fast.kernels" 2>/dev/null; then
-  # pip could not install the package: import it from the tree through a folder of links
-  # (srel_fast/ with kernels/ and csrc/ beside its modules, as the installed layout has them)
-  mkdir -p "$WORK/shim/srel_fast"
-  for f in "$PWD"/srel_fast/*; do ln -sf "$f" "$WORK/shim/srel_fast/"; done
-  ln -sfn "$PWD/kernels" "$WORK/shim/srel_fast/kernels"; ln -sfn "$PWD/csrc" "$WORK/shim/srel_fast/csrc"
-  export PYTHONPATH="$WORK/shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  note "[install] package imported from $WORK/shim (pip install failed)"
+  # pip could not install the package: import it from the tree (the installed layout)
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  note "[install] package imported from $PWD (pip install failed)"
 fi
 run env 60 env_step
-run kernels 180 "$PY" -m bench.kernel_check --out "$WORK/kernels" $([ "$DRY" = 1 ] && echo --dry-run)
+run kernels 180 "$PY" -m srel_fast.bench.kernel_check --out "$WORK/kernels" $([ "$DRY" = 1 ] && echo --dry-run)
 run r18 240 "$PY" -m srel_fast.cli bench recover-step --config resnet18-224 $SMALL --providers "$R18" --profile "$PROFILE" --out-dir "$WORK/bench"
 run tests 180 "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests
 run convnet 180 "$PY" -m srel_fast.cli bench recover-step --config convnet4-64 $SMALL --providers "$CONV" --out-dir "$WORK/bench"

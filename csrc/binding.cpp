@@ -1,6 +1,6 @@
 // The small binding file: the module object for `srel_fast._C` (setup.py build)
 // and one op saying whether CUDA kernels were compiled in. Each kernel file
-// registers its own ops with TORCH_LIBRARY_FRAGMENT(srel_fast_ext, m).
+// registers its own ops with TORCH_LIBRARY_FRAGMENT(srel_fast, m).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -12,8 +12,8 @@ static bool built_with_cuda() {
 #endif
 }
 
-TORCH_LIBRARY_FRAGMENT(srel_fast_ext, m) {
-  m.def("built_with_cuda() -> bool", &built_with_cuda);
+TORCH_LIBRARY_FRAGMENT(srel_fast, m) {
+  m.def("_ext_built_with_cuda() -> bool", &built_with_cuda);
 }
 
 #ifdef TORCH_EXTENSION_NAME

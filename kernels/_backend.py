@@ -82,3 +82,12 @@ def _resolve(backend: str, device_type: str, op: str, interpret: bool) -> str:
         if not _ext.has_op(op, "cpu"):
             raise RuntimeError(f"{op}: backend 'cpu' requested but the C++ extension is not available ({_ext.load_error()})")
     return backend
+
+
+def reset_for_tests() -> None:
+    """Forget the loaded extension and every cached backend choice (tests of the loader)."""
+    from . import _ext
+
+    _ext._state.update(loaded=None, error=None, cuda=False, cuda_error=None)
+    _ext.has_op.cache_clear()
+    _resolve.cache_clear()

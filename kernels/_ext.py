@@ -1,8 +1,11 @@
 """Loading the C++/CUDA extension (csrc/).
 
-The ops in csrc/ register themselves with ``TORCH_LIBRARY_FRAGMENT(srel_fast_ext, m)``
-(one fragment per source file, so every op keeps to its own files) and are
-called as ``torch.ops.srel_fast_ext.<name>``. The library comes from, in order:
+The ops in csrc/ register themselves into the package's op namespace with
+``TORCH_LIBRARY_FRAGMENT(srel_fast, m)`` (one fragment per source file, so every
+op keeps to its own files), under internal names ``_ext_<op>_fwd`` /
+``_ext_<op>_bwd`` beside the public custom ops of kernels/ (``srel_fast::<op>``),
+and are called as ``torch.ops.srel_fast._ext_<op>_fwd``. The library comes from,
+in order:
 
 1. ``srel_fast._C``, built by setup.py when torch was importable at build time;
 2. a lazy JIT build with torch.utils.cpp_extension.load (ninja, cached under
@@ -39,8 +42,7 @@ NVCC_FLAGS = ["-O3", "-DSREL_FAST_WITH_CUDA"]
 
 
 def csrc_dir() -> str:
-    # Source checkout / editable install: <repo>/kernels -> <repo>/csrc.
-    # Wheel install: site-packages/srel_fast/kernels -> srel_fast/csrc (package data).
+    # kernels/ -> csrc/ in a checkout; srel_fast/kernels -> srel_fast/csrc (package data) in a wheel.
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
 
@@ -95,8 +97,8 @@ def _load() -> bool:
         return False
     try:  # 1. built by setup.py
         importlib.import_module("srel_fast._C")
-        _state["cuda"] = hasattr(torch.ops.srel_fast_ext, "built_with_cuda") and bool(
-            torch.ops.srel_fast_ext.built_with_cuda()
+        _state["cuda"] = hasattr(torch.ops.srel_fast, "_ext_built_with_cuda") and bool(
+            torch.ops.srel_fast._ext_built_with_cuda()
         )
         if not _state["cuda"] and torch.cuda.is_available():
             _state["cuda_error"] = ("the prebuilt extension srel_fast._C has no CUDA kernels (it was built without "
@@ -158,19 +160,11 @@ def require_cuda_extension() -> None:
         raise RuntimeError(f"srel_fast CUDA extension unavailable: {cuda_error()}")
 
 
-def _reset_for_tests() -> None:
-    from ._backend import _resolve
-
-    _state.update(loaded=None, error=None, cuda=False, cuda_error=None)
-    has_op.cache_clear()
-    _resolve.cache_clear()
-
-
 @functools.lru_cache(maxsize=None)
 def has_op(op: str, device: str) -> bool:
     """True when the extension implements ``op`` for ``device`` ('cpu' or 'cuda').
 
-    Every op ``X`` in csrc/ defines ``srel_fast_ext::X_fwd`` (at least) with a
+    Every op ``X`` in csrc/ defines ``srel_fast::_ext_X_fwd`` (at least) with a
     CPU kernel and, in its .cu file, a CUDA kernel. Cached: the answer cannot
     change once the library is loaded, and ops ask on every call."""
     if not ensure_loaded():
@@ -178,7 +172,7 @@ def has_op(op: str, device: str) -> bool:
     if device == "cuda" and not _state["cuda"]:
         return False
     try:
-        packet = getattr(torch.ops.srel_fast_ext, f"{op}_fwd")
+        packet = getattr(torch.ops.srel_fast, f"_ext_{op}_fwd")
     except (AttributeError, RuntimeError):
         return False
     key = "CPU" if device == "cpu" else "CUDA"

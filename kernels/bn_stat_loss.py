@@ -8,19 +8,21 @@ the input dtype. With ``groups=G`` the batch dim is split into G equal groups
 (x of shape (G*B, C, ...)) and the per-group losses are summed: several
 recovery batches share one launch without changing their objectives.
 
-The kernel-level op is ``srel_fast::bn_stat_moments`` (one read of x ->
+The kernel-level op is ``srel_fast::bn_stat_loss_moments`` (one read of x ->
 per-(group, channel) mean and variance, float32) with a registered autograd
 formula whose backward is ONE elementwise pass
-``srel_fast::bn_stat_backward``:
+``srel_fast::bn_stat_loss_backward``:
 
-    dx = (x - mu[c]) * b[c] + a[c]  (+ dy * s[c] for the fused BN, see fused_bn.py)
+    dx = (x - mu[c]) * b[c] + a[c]  (+ dy * s[c] for the fused BN, see fused_bn_stat.py)
     a = g_mu / M,  b = 2 * g_var / M
 
 The norms are ordinary torch ops on (G, C) tensors, so the zero-norm case
-gets torch's subgradient 0. Backends: ``torch`` (torch ops inside the same
-custom op), ``triton`` (bn_stat_triton.py), ``cuda``/``cpu`` (csrc/bn_stat*.c*,
-via srel_fast.kernels._ext), ``auto``. ``bn_stat_loss_reference`` is the plain
-autograd PyTorch reference used as ground truth.
+gets torch's subgradient 0. Backends (op key ``bn_stat_loss``): ``torch``
+(torch ops inside the same custom op), ``triton`` (bn_stat_loss_triton.py),
+``cuda``/``cpu`` (csrc/bn_stat_loss.cpp, csrc/bn_stat_loss_cuda.cu, via
+srel_fast.kernels._ext), ``auto``. ``bn_stat_loss_reference`` is the plain
+autograd PyTorch reference used as ground truth; tests/test_bn_stat_loss.py
+and bench/bench_bn_stat_loss.py test and time the op.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from torch import Tensor
 
 from ._backend import check_backend, resolve_backend
 
-OP = "bn_stat"
+OP = "bn_stat_loss"
 
 __all__ = ["bn_stat_loss", "bn_stat_moments", "bn_stat_loss_reference", "bn_stat_loss_from_moments"]
 
@@ -56,7 +58,7 @@ def bn_stat_loss_reference(x: Tensor, running_mean: Tensor, running_var: Tensor,
 
 
 # --------------------------------------------------------------------------
-# layout helpers (shared with fused_bn.py)
+# layout helpers (shared with fused_bn_stat.py)
 # --------------------------------------------------------------------------
 def _dims(x: Tensor, groups: int) -> tuple[int, int, int, int]:
     if x.dim() < 2:
@@ -146,7 +148,7 @@ def _ext_fwd(kind, xc, shift, scale, bias, yc):
     from . import _ext  # noqa: F401 - loaded by resolve_backend already
 
     empty = xc.new_empty(0, dtype=torch.float32)
-    mean, var = torch.ops.srel_fast_ext.bn_stat_fwd(
+    mean, var = torch.ops.srel_fast._ext_bn_stat_loss_fwd(
         xc, shift, scale if scale is not None else empty, bias if bias is not None else empty,
         yc if yc is not None else xc.new_empty(0))
     return mean, var
@@ -154,20 +156,20 @@ def _ext_fwd(kind, xc, shift, scale, bias, yc):
 
 def _ext_bwd(kind, xc, dyc, scale, m, a, b, dxc):
     empty = xc.new_empty(0)
-    torch.ops.srel_fast_ext.bn_stat_bwd(
+    torch.ops.srel_fast._ext_bn_stat_loss_bwd(
         xc, dyc if dyc is not None else empty, scale if scale is not None else empty.float(), m, a, b, dxc)
 
 
 def _triton_fwd(kind, xc, shift, scale, bias, yc):
-    from . import bn_stat_triton
+    from . import bn_stat_loss_triton
 
-    return bn_stat_triton.forward(kind, xc, scale, bias, yc)
+    return bn_stat_loss_triton.forward(kind, xc, scale, bias, yc)
 
 
 def _triton_bwd(kind, xc, dyc, scale, m, a, b, dxc):
-    from . import bn_stat_triton
+    from . import bn_stat_loss_triton
 
-    bn_stat_triton.backward(kind, xc, dyc, scale, m, a, b, dxc)
+    bn_stat_loss_triton.backward(kind, xc, dyc, scale, m, a, b, dxc)
 
 
 _FWD = {"torch": _fwd_torch, "cpu": _ext_fwd, "cuda": _ext_fwd, "triton": _triton_fwd}
@@ -222,7 +224,7 @@ def moment_coeffs(mean: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[
 # --------------------------------------------------------------------------
 # custom ops
 # --------------------------------------------------------------------------
-@torch.library.custom_op("srel_fast::bn_stat_moments", mutates_args=())
+@torch.library.custom_op("srel_fast::bn_stat_loss_moments", mutates_args=())
 def _moments_op(x: Tensor, shift: Tensor, groups: int, backend: str) -> tuple[Tensor, Tensor]:
     mean, var, _ = forward_impl(x, shift, None, None, groups, backend, want_y=False)
     return mean, var
@@ -234,7 +236,7 @@ def _(x, shift, groups, backend):
     return x.new_empty((g, c), dtype=torch.float32), x.new_empty((g, c), dtype=torch.float32)
 
 
-@torch.library.custom_op("srel_fast::bn_stat_backward", mutates_args=())
+@torch.library.custom_op("srel_fast::bn_stat_loss_backward", mutates_args=())
 def _backward_op(x: Tensor, dy: Optional[Tensor], scale: Optional[Tensor], m: Tensor, a: Tensor, b: Tensor,
                  groups: int, backend: str) -> Tensor:
     return backward_impl(x, dy, scale, m, a, b, groups, backend)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["sample_crop_boxes", "sample_flip_shift"]
+__all__ = ["sample_crop_boxes", "sample_flip_shift", "fallback_crop_box"]
 
 _TRIES = 10
 
@@ -25,8 +25,9 @@ def _device(generator: Optional[torch.Generator], device) -> torch.device:
     return torch.device("cpu")
 
 
-def _fallback_box(height: int, width: int, ratio: Sequence[float]) -> Tuple[int, int, int, int]:
-    """torchvision's centre-crop fallback (depends on the image size only)."""
+def fallback_crop_box(height: int, width: int, ratio: Sequence[float]) -> Tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop's centre-crop fallback when no try fits: (top, left, h, w),
+    the image with its aspect ratio clamped into ``ratio`` (depends on the image size only)."""
     in_ratio = float(width) / float(height)
     if in_ratio < min(ratio):
         w = width
@@ -86,7 +87,7 @@ def sample_crop_boxes(
     top = torch.floor(u_ij[:, 0].double() * (height - h + 1)).clamp_max(height - h)
     left = torch.floor(u_ij[:, 1].double() * (width - w + 1)).clamp_max(width - w)
     # Python-scalar fallbacks: no host-to-device copy (CUDA-graph capturable)
-    fb = _fallback_box(height, width, ratio)
+    fb = fallback_crop_box(height, width, ratio)
     box = torch.stack([torch.where(ok, v, float(f)) for v, f in zip((top, left, h, w), fb)], dim=1).to(dtype)
     if not per_image:
         box = box.expand(n, 4).contiguous()
@@ -100,14 +101,18 @@ def sample_flip_shift(
     per_image: bool = True,
     generator: Optional[torch.Generator] = None,
     device: Optional[Union[str, torch.device]] = None,
+    symmetric: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal flips and roll shifts, drawn on the device.
 
     Returns ``flip`` (n,) bool, True with probability ``flip_p``, and ``shift``
     (n, 2) int64 with shift[:, 0] uniform in [0, jitter_h] and shift[:, 1] in
     [0, jitter_w], both ends inclusive like ``random.randint(0, jitter)`` in
-    the SRe2L recovery loop (``jitter`` an int or (jitter_h, jitter_w)).
+    the SRe2L ImageNet recovery loop (``jitter`` an int or (jitter_h, jitter_w));
+    ``symmetric=True``: in [-jitter, jitter], like its Tiny-ImageNet loop.
     ``per_image=False`` draws one flip and one shift for the whole batch.
+    Draws: flips, then (an int ``jitter`` > 0) one ``torch.randint`` of the
+    shifts; ``jitter=0`` draws no shift (zeros).
     """
     dev = _device(generator, device)
     m = n if per_image else 1
@@ -115,10 +120,16 @@ def sample_flip_shift(
     if jh < 0 or jw < 0:
         raise ValueError(f"sample_flip_shift: jitter must be >= 0, got {jitter}")
     flip = torch.rand((m,), generator=generator, device=dev) < flip_p
-    u = torch.rand((m, 2), generator=generator, device=dev).double()
-    sh = torch.floor(u[:, 0] * (jh + 1)).clamp_max(jh)
-    sw = torch.floor(u[:, 1] * (jw + 1)).clamp_max(jw)
-    shift = torch.stack([sh, sw], dim=1).long()
+    lh, lw = (-jh, -jw) if symmetric else (0, 0)
+    if jh == jw == 0:
+        shift = torch.zeros((m, 2), dtype=torch.int64, device=dev)
+    elif jh == jw:
+        shift = torch.randint(lh, jh + 1, (m, 2), generator=generator, device=dev)
+    else:
+        u = torch.rand((m, 2), generator=generator, device=dev).double()
+        sh = torch.floor(u[:, 0] * (jh - lh + 1)).clamp_max(jh - lh) + lh
+        sw = torch.floor(u[:, 1] * (jw - lw + 1)).clamp_max(jw - lw) + lw
+        shift = torch.stack([sh, sw], dim=1).long()
     if not per_image:
         flip = flip.expand(n).contiguous()
         shift = shift.expand(n, 2).contiguous()

@@ -41,10 +41,12 @@ mod W_out`` and ``j' = W_out - 1 - j''`` if ``flip[n]`` else ``j''``
 (torch.roll semantics: a positive shift moves content towards larger indices;
 the flip is applied before the roll).
 
-Backends (``backend=``): ``torch`` (per-image slicing + F.interpolate + flip +
-roll, written plainly in :func:`multicrop_resize_torch`; fractional boxes
-fall back to the vectorised reference formula), ``triton``, ``cuda``, ``cpu``
-(C++/OpenMP extension) and ``auto``. All accumulate in fp32 (fp64 for float64
+Backends (``backend=``, op key ``multicrop_resize``): ``torch`` (per-image
+slicing + F.interpolate + flip + roll, written plainly in
+:func:`multicrop_resize_torch`; fractional boxes fall back to the vectorised
+reference formula), ``triton`` (multicrop_resize_triton.py), ``cuda``
+(csrc/multicrop_resize_cuda.cu), ``cpu`` (C++/OpenMP, csrc/multicrop_resize.cpp)
+and ``auto``. All accumulate in fp32 (fp64 for float64
 input) and return x's dtype and memory format (NCHW or channels_last).
 
 Backward scheme (triton, cuda, cpu): a *gather* per input pixel, not a
@@ -79,7 +81,7 @@ __all__ = [
     "multicrop_resize_reference",
 ]
 
-OP = "multicrop"
+OP = "multicrop_resize"
 
 
 # ----------------------------------------------------------------------------
@@ -280,11 +282,11 @@ def _fwd_impl(x, boxes, out_h, out_w, flip, shift, backend):
         return out
     b, f, s = _prep_small(boxes, flip, shift, x.device, x.dtype)
     if be == "triton":
-        from . import multicrop_triton
+        from . import multicrop_resize_triton
 
-        multicrop_triton.forward(x, b, f, s, out)
+        multicrop_resize_triton.forward(x, b, f, s, out)
     else:  # cpu / cuda: the C++ extension
-        torch.ops.srel_fast_ext.multicrop_fwd(x, b, f, s, out)
+        torch.ops.srel_fast._ext_multicrop_resize_fwd(x, b, f, s, out)
     return out
 
 
@@ -299,11 +301,11 @@ def _bwd_impl(grad, boxes, in_h, in_w, flip, shift, channels_last, backend):
         return gx
     b, f, s = _prep_small(boxes, flip, shift, grad.device, grad.dtype)
     if be == "triton":
-        from . import multicrop_triton
+        from . import multicrop_resize_triton
 
-        multicrop_triton.backward(grad, b, f, s, gx)
+        multicrop_resize_triton.backward(grad, b, f, s, gx)
     else:
-        torch.ops.srel_fast_ext.multicrop_bwd(grad, b, f, s, gx)
+        torch.ops.srel_fast._ext_multicrop_resize_bwd(grad, b, f, s, gx)
     return gx
 
 

@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from srel_fast.data import load_builtin
-from srel_fast.demo import random_real_subset
+from srel_fast.data import load_builtin, random_real_subset
+from srel_fast.images import load_synthetic
 from srel_fast.models import ModelSpec, load_model
 from srel_fast.recover import RecoverConfig, run_recover
-from srel_fast.train import TrainConfig, load_synthetic, make_evaluator, train_student
+from srel_fast.train import TrainConfig, make_evaluator, train_student
 
 ROWS = ("real-hard", "real-soft", "sre2l", "srel", "srel-hard")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from srel_fast.kernels.crop_sampler import sample_crop_boxes
+from srel_fast.kernels.crop_sampler import sample_crop_boxes, sample_flip_shift
 from srel_fast.kernels.multicrop_resize import multicrop_resize
 
 
@@ -40,16 +40,14 @@ def draw_crop_params(n: int, height: int, width: int, generator: torch.Generator
     device = generator.device
     boxes = sample_crop_boxes(n, height, width, scale=scale, ratio=ratio, per_image=per_image,
                               generator=generator, device=device)
-    k = n if per_image else 1
-    flip = (torch.rand(k, generator=generator, device=device) < 0.5).expand(n)
-    shift = None
-    if jitter > 0:
-        low = 0 if jitter_range == "nonnegative" else -jitter
-        shift = torch.randint(low, jitter + 1, (k, 2), generator=generator, device=device)
-        if low < 0:
-            shift = torch.remainder(shift, torch.tensor([height, width], device=device))
-        shift = shift.expand(n, 2)
-    return CropParams(boxes, flip.contiguous(), None if shift is None else shift.contiguous())
+    symmetric = jitter_range == "symmetric"
+    flip, shift = sample_flip_shift(n, jitter, per_image=per_image, generator=generator, device=device,
+                                    symmetric=symmetric)
+    if jitter <= 0:
+        return CropParams(boxes, flip, None)
+    if symmetric:
+        shift = torch.remainder(shift, torch.tensor([height, width], device=device))
+    return CropParams(boxes, flip, shift)
 
 
 def apply_crops(x: torch.Tensor, params: CropParams, out_size: tuple[int, int], backend: str = "auto",
@@ -68,11 +66,3 @@ def apply_crops(x: torch.Tensor, params: CropParams, out_size: tuple[int, int], 
             out = torch.roll(out, shifts=tuple(int(s) for s in params.shift[0].tolist()), dims=(2, 3))
         return out
     return multicrop_resize(x, params.boxes, out_size, flip=params.flip, shift=params.shift, backend=backend)
-
-
-def random_resized_crop(x: torch.Tensor, generator: torch.Generator, out_size: tuple[int, int] | None = None,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), backend: str = "auto") -> torch.Tensor:
-    """Per-image RandomResizedCrop + horizontal flip (training augmentation)."""
-    n, _, h, w = x.shape
-    params = draw_crop_params(n, h, w, generator, per_image=True, scale=scale, ratio=ratio)
-    return apply_crops(x, params, out_size or (h, w), backend)

@@ -88,18 +88,7 @@ def bn_matching(model: nn.Module, first_bn_multiplier: float = 10.0, backend: st
         finally:
             ref.close()
     else:
-        from srel_fast.kernels import bn_stat_matching
+        from srel_fast.kernels import fused_bn_matching
 
-        with bn_stat_matching(model, first_bn_multiplier=first_bn_multiplier, backend=backend) as stats:
-            def set_groups(groups: int) -> None:
-                for layer in stats.layers:
-                    layer.groups = groups
-
-            def set_moments_loss(fn) -> None:
-                for layer in stats.layers:
-                    layer.moments_loss = (None if fn is None else
-                                          lambda layer, mean, var: fn(layer, mean, var, layer.loss_weight))
-
-            stats.set_groups = set_groups
-            stats.set_moments_loss = set_moments_loss
+        with fused_bn_matching(model, first_bn_multiplier=first_bn_multiplier, backend=backend) as stats:
             yield stats

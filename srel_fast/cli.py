@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import typing
 
@@ -163,17 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (cls, _, helptext) in _stages().items():
         p = sub.add_parser(name, help=helptext, description=helptext)
         add_config_args(p, cls, stage=name)
-    b = sub.add_parser("bench", help="benchmarks (needs a source checkout: bench/)", add_help=False)
+    b = sub.add_parser("bench", help="benchmarks (srel_fast.bench)", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
 def _bench(args: list[str]) -> int:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isdir(os.path.join(root, "bench")):
-        raise UserError("'srel-fast bench' runs from a source checkout (the bench/ folder was not found).")
-    sys.path.insert(0, root)
-    from bench import cli as bench_cli
+    from .bench import cli as bench_cli
 
     return bench_cli.main(args)
 

@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .data import TensorData, is_builtin, load_builtin
+from .data import Normalization, TensorData, dataset_normalization, is_builtin, load_builtin, random_real_subset
 from .errors import UserError
 from .files import environment, read_json, write_json
 
@@ -161,15 +160,48 @@ def _parse_modes(text: str) -> list[str]:
 
 
 def run_continual(cfg: ContinualConfig) -> dict:
-    from .data import Normalization
-    from .demo import random_real_subset
-    from .models import ModelSpec, load_model
-    from .recover import resolve_device
-    from .train import TrainConfig, load_synthetic, train_student
-    from .training import evaluate
+    from .distributed import resolve_device
+    from .models import load_model
 
     steps_list = _parse_steps(cfg.steps)
     modes = _parse_modes(cfg.modes)
+    teacher_path = _check(cfg, modes)
+    device = resolve_device(cfg.device)
+    teacher = load_model(teacher_path) if teacher_path else None
+    train = load_builtin(cfg.data, "train", cfg.seed)
+    test = load_builtin(cfg.data, "test", cfg.seed)
+    k = train.num_classes
+    if teacher is not None and teacher.spec.num_classes != k:
+        raise UserError(f"the teacher has {teacher.spec.num_classes} classes but {cfg.data} has {k}.")
+    norm = Normalization(teacher.mean, teacher.std) if teacher is not None else dataset_normalization(train)
+    memories = _memories(cfg, modes, teacher, train, norm, device)
+
+    os.makedirs(cfg.out, exist_ok=True)
+    json_path = os.path.join(cfg.out, "continual_results.json")
+    order = class_order(k, cfg.class_order, cfg.seed)
+    key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("out", "device", "progress", "modes", "steps")}
+    previous = read_json(json_path) if os.path.exists(json_path) else None
+    results = previous["results"] if previous and previous.get("key") == key else {}
+    t0 = time.perf_counter()
+    splits_out = _train_steps(cfg, steps_list, modes, order, memories, results, key, json_path, teacher, train, test,
+                              norm, device)
+    out = {
+        "config": dataclasses.asdict(cfg), "key": key, "class_order": order, "splits": splits_out,
+        "memory_per_class": cfg.ipc, "results": results, "mode_names": MODE_NAMES,
+        "teacher": teacher_path, "teacher_test_accuracy": teacher.meta.get("test_accuracy") if teacher else None,
+        "seconds": time.perf_counter() - t0, "environment": environment(),
+    }
+    write_json(json_path, out)
+    md = continual_markdown(out)
+    with open(os.path.join(cfg.out, "continual.md"), "w") as f:
+        f.write(md + "\n")
+    plot_continual(out, os.path.join(cfg.out, "continual.png"))
+    print(md)
+    return {"results": results, "markdown": md, "seconds": out["seconds"]}
+
+
+def _check(cfg: ContinualConfig, modes: list[str]) -> str | None:
+    """Refuse what cannot run; the teacher's checkpoint (--teacher, or the one --syn was recovered from)."""
     if cfg.ipc <= 0:
         raise UserError(f"--ipc must be positive, got {cfg.ipc}.")
     if not is_builtin(cfg.data):
@@ -184,19 +216,15 @@ def run_continual(cfg: ContinualConfig) -> dict:
             teacher_path = read_json(rec)["config"].get("weights")
     if need_soft and teacher_path is None:
         raise UserError("soft-label memories need --teacher (or a --syn whose recover_config.json names its weights).")
-    device = resolve_device(cfg.device)
-    teacher = load_model(teacher_path) if teacher_path else None
-    train = load_builtin(cfg.data, "train", cfg.seed)
-    test = load_builtin(cfg.data, "test", cfg.seed)
-    k = train.num_classes
-    if teacher is not None and teacher.spec.num_classes != k:
-        raise UserError(f"the teacher has {teacher.spec.num_classes} classes but {cfg.data} has {k}.")
-    if teacher is not None:
-        norm = Normalization(teacher.mean, teacher.std)
-    else:
-        from .data import dataset_normalization
+    return teacher_path
 
-        norm = dataset_normalization(train)
+
+def _memories(cfg: ContinualConfig, modes: list[str], teacher, train: TensorData, norm: Normalization,
+              device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The memories the modes draw from: "synthetic-soft" (the recovered set, by class) and "real"
+    (random real images), normalised, on ``device``."""
+    from .images import load_synthetic
+
     memories: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if "synthetic-soft" in modes:
         syn_x, syn_y, syn_norm = load_synthetic(cfg.syn, teacher, device)
@@ -209,20 +237,26 @@ def run_continual(cfg: ContinualConfig) -> dict:
     if "real-soft" in modes or "real-hard" in modes:
         rx, ry = random_real_subset(train, cfg.ipc, cfg.seed)
         memories["real"] = (norm.normalize(rx.to(device)), ry.to(device))
+    return memories
 
-    os.makedirs(cfg.out, exist_ok=True)
-    json_path = os.path.join(cfg.out, "continual_results.json")
-    order = class_order(k, cfg.class_order, cfg.seed)
-    key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("out", "device", "progress", "modes", "steps")}
-    previous = read_json(json_path) if os.path.exists(json_path) else None
-    results = previous["results"] if previous and previous.get("key") == key else {}
+
+def _train_steps(cfg: ContinualConfig, steps_list: list[int], modes: list[str], order: list[int], memories: dict,
+                 results: dict, key: dict, json_path: str, teacher, train: TensorData, test: TensorData,
+                 norm: Normalization, device) -> dict:
+    """A student per (split, mode, step) not in ``results`` yet, each result saved as it comes;
+    returns the splits."""
+    from .distributed import main_print
+    from .models import ModelSpec
+    from .train import TrainConfig, train_student
+    from .training import evaluate
+
+    k = train.num_classes
     spec_base = teacher.spec if teacher is not None else ModelSpec(cfg.arch, k, train.channels, train.image_size, cfg.width)
     spec = ModelSpec(cfg.arch, k, spec_base.in_channels, spec_base.image_size, cfg.width)
     tcfg = TrainConfig(syn="", out="", val=cfg.data, arch=cfg.arch, epochs=cfg.epochs, batch_size=cfg.batch_size,
                        optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                        temperature=cfg.temperature, min_scale=cfg.min_scale, width=cfg.width, seed=cfg.seed,
                        backend=cfg.backend, progress=cfg.progress)
-    t0 = time.perf_counter()
     splits_out = {}
     for steps in steps_list:
         splits = class_splits(order, steps)
@@ -242,30 +276,18 @@ def run_continual(cfg: ContinualConfig) -> dict:
                     return evaluate(MaskedLogits(model, seen, k).to(device), sub, norm, device,
                                     image_size=spec.image_size)
 
-                _say(f"continual {steps}-step, {mode}, step {step + 1}/{steps}: classes {seen}, memory {len(x)} images")
+                main_print(f"continual {steps}-step, {mode}, step {step + 1}/{steps}: classes {seen}, memory {len(x)} images")
                 res = train_student(x, y, k, spec, dataclasses.replace(tcfg, label_mode="hard" if hard else "soft"),
                                     evaluate_fn, teacher=masked_teacher)
                 accs.append(round(res["test_accuracy"], 2))
                 results[str(steps)][mode] = accs
                 write_json(json_path, {"key": key, "results": results})
-                _say(f"  -> top-1 on the {len(sub)} test images of the seen classes: {accs[-1]:.2f} % "
-                     f"({res['seconds']:.0f} s)")
-    out = {
-        "config": dataclasses.asdict(cfg), "key": key, "class_order": order, "splits": splits_out,
-        "memory_per_class": cfg.ipc, "results": results, "mode_names": MODE_NAMES,
-        "teacher": teacher_path, "teacher_test_accuracy": teacher.meta.get("test_accuracy") if teacher else None,
-        "seconds": time.perf_counter() - t0, "environment": environment(),
-    }
-    write_json(json_path, out)
-    md = continual_markdown(out)
-    with open(os.path.join(cfg.out, "continual.md"), "w") as f:
-        f.write(md + "\n")
-    plot_continual(out, os.path.join(cfg.out, "continual.png"))
-    print(md)
-    return {"results": results, "markdown": md, "seconds": out["seconds"]}
+                main_print(f"  -> top-1 on the {len(sub)} test images of the seen classes: {accs[-1]:.2f} % "
+                           f"({res['seconds']:.0f} s)")
+    return splits_out
 
 
-def _ordered(by_mode: dict) -> list:
+def ordered_modes(by_mode: dict) -> list:
     """(mode, accuracies) in MODES order (JSON files may hold them sorted)."""
     return [(m, by_mode[m]) for m in MODES if m in by_mode] + [(m, v) for m, v in by_mode.items() if m not in MODES]
 
@@ -282,11 +304,19 @@ def continual_markdown(res: dict) -> str:
         lines.append("")
         lines.append("| memory | " + " | ".join(head) + " |")
         lines.append("|---|" + "---|" * n)
-        for mode, accs in _ordered(by_mode):
+        for mode, accs in ordered_modes(by_mode):
             cells = [f"{a:.2f}" for a in accs] + [""] * (n - len(accs))
             lines.append(f"| {MODE_NAMES.get(mode, mode)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def draw_curves(ax, by_mode: dict, splits: list[list[int]] | None) -> None:
+    """One line per memory mode on ``ax``: top-1 on the seen classes against the classes seen
+    (against the step without ``splits``)."""
+    for mode, accs in ordered_modes(by_mode):
+        xs = [len(seen_classes(splits, s)) if splits else s + 1 for s in range(len(accs))]
+        ax.plot(xs, accs, marker="o", label=MODE_NAMES.get(mode, mode))
 
 
 def plot_continual(res: dict, path: str) -> None:
@@ -299,9 +329,7 @@ def plot_continual(res: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
     for ax, (steps, by_mode) in zip(axes[0], sorted(runs.items(), key=lambda kv: int(kv[0]))):
         splits = res.get("splits", {}).get(steps)
-        for mode, accs in _ordered(by_mode):
-            xs = [len(seen_classes(splits, s)) if splits else s + 1 for s in range(len(accs))]
-            ax.plot(xs, accs, marker="o", label=MODE_NAMES.get(mode, mode))
+        draw_curves(ax, by_mode, splits)
         ax.set_xlabel("classes seen" if splits else "step")
         ax.set_ylabel("test top-1 on seen classes (%)")
         ax.set_title(f"{steps}-step class-incremental, {res.get('memory_per_class')} img/class")
@@ -310,7 +338,3 @@ def plot_continual(res: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

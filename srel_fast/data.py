@@ -85,12 +85,21 @@ def is_builtin(name: str) -> bool:
     return name in BUILTIN
 
 
-def _read_idx(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """One unsigned-byte idx file (gzipped when its name ends in .gz) as a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
         data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an idx file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code != 0x08:
+        raise ValueError(f"{path}: only unsigned-byte idx files are supported (type 0x{dtype_code:02x})")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: expected {int(np.prod(shape))} values, found {arr.size}")
+    return arr.reshape(shape)
 
 
 def load_fashion_mnist(split: str) -> TensorData:
@@ -103,8 +112,8 @@ def load_fashion_mnist(split: str) -> TensorData:
                 f"Fashion-MNIST file {p} is missing; install it with "
                 "'apt-get install dataset-fashion-mnist' or set SREL_FAST_FASHION_MNIST."
             )
-    images = torch.from_numpy(_read_idx(img_path).copy()).unsqueeze(1)
-    labels = torch.from_numpy(_read_idx(lbl_path).astype(np.int64))
+    images = torch.from_numpy(read_idx(img_path).copy()).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(lbl_path).astype(np.int64))
     return TensorData(images, labels, list(FASHION_MNIST_CLASSES))
 
 
@@ -134,6 +143,17 @@ def load_builtin(name: str, split: str, seed: int = 0) -> TensorData:
     if name == "digits":
         return load_digits(split, seed)
     raise UserError(f"unknown built-in data set {name!r}; built-in names are {', '.join(BUILTIN)}.")
+
+
+def random_real_subset(data: TensorData, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipc`` random real images of every class (the random-real baseline's memory): images, labels."""
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(data.num_classes):
+        idx = torch.nonzero(data.labels == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:ipc]])
+    idx = torch.cat(picks)
+    return data.images[idx], data.labels[idx]
 
 
 def dataset_normalization(data: TensorData) -> Normalization:

@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from .data import load_builtin
+from .data import load_builtin, random_real_subset
+from .distributed import main_print as _say, resolve_device
 from .errors import UserError
 from .files import environment, read_json, write_json
-from .images import load_tree, save_grid
+from .images import load_synthetic, load_tree, save_grid
 from .models import ModelSpec, load_model
 from .recipes import DEFAULT_RECIPE, get_recipe, resolve_recipe
-from .recover import RecoverConfig, resolve_device, run_recover
+from .recover import RecoverConfig, run_recover
 from .squeeze import SqueezeConfig, run_squeeze
-from .train import TrainConfig, load_synthetic, make_evaluator, train_student
+from .train import TrainConfig, make_evaluator, train_student
 
 
 @dataclass
@@ -64,16 +62,6 @@ class DemoConfig:
     RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
         "squeeze_lr", "recover_lr", "r_bn", "crop_mode", "min_scale", "train_lr", "train_batch_size",
         "train_optimizer", "train_weight_decay")
-
-
-def random_real_subset(data, ipc: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in range(data.num_classes):
-        idx = torch.nonzero(data.labels == c).flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=g)[:ipc]])
-    idx = torch.cat(picks)
-    return data.images[idx], data.labels[idx]
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -148,7 +136,3 @@ def run_demo(cfg: DemoConfig) -> dict:
     write_json(os.path.join(cfg.out, "demo_results.json"), results)
     print("\n".join(lines))
     return {"table": dict(table), "seconds": results["seconds"], "grid": grid_path}
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

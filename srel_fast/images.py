@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import io
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .data import Normalization
 from .errors import UserError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, read_json
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -117,3 +122,26 @@ def save_grid(path: str, images01: torch.Tensor, labels: torch.Tensor, per_class
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def load_synthetic(root: str, teacher: "LoadedModel | None", device) -> tuple[torch.Tensor, torch.Tensor, Normalization]:
+    """Synthetic tree -> normalised float images on ``device``, labels, normalisation.
+    The normalisation is the recovery run's (manifest) or the teacher's."""
+    config_path = os.path.join(root, "recover_config.json")
+    if os.path.exists(config_path):
+        rec = read_json(config_path)
+        norm = Normalization(tuple(rec["mean"]), tuple(rec["std"]))
+        n_cls = len(rec["classes"])
+    elif teacher is not None:
+        norm, n_cls = Normalization(teacher.mean, teacher.std), teacher.spec.num_classes
+    else:
+        raise UserError(f"{root} has no recover_config.json; pass --teacher so its normalisation can be used.")
+    images, labels, classes = load_tree(root)
+    folder_ids = [int(c) if c.isdigit() else None for c in classes]
+    if None not in folder_ids:  # srel-fast trees name folders by class index
+        labels = torch.tensor(folder_ids)[labels]
+    if teacher is not None and teacher.spec.num_classes != n_cls:
+        raise UserError(f"the teacher has {teacher.spec.num_classes} classes but the synthetic set {root} has {n_cls}.")
+    if int(labels.max()) >= n_cls:
+        raise UserError(f"the synthetic set {root} has class folders beyond its {n_cls} classes.")
+    return norm.normalize(images.to(device)), labels.to(device), norm

@@ -1,4 +1,4 @@
-"""Image data pipelines for squeeze, training and evaluation (issue #6).
+"""Image data pipelines for squeeze, training and evaluation.
 
 One entry point, :func:`build_loader`, returns an :class:`ImageLoader` over an
 ImageFolder tree (class sub-folders, ImageNet train/val layout). Three
@@ -117,7 +117,9 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .distributed import resolve_device, shard_bounds
 from .errors import UserError
+from .kernels.crop_sampler import fallback_crop_box
 
 __all__ = [
     "LoaderConfig",
@@ -247,23 +249,16 @@ def find_corrupt_images(paths: Sequence[str] | str) -> list[str]:
     return [p for p in paths if not _pil_decodes(p)]
 
 
-def _shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    # DALI's reader rule: shard s holds [n*s // S, n*(s+1) // S).
-    return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
-
-
 def _mix_seed(seed: int, epoch: int, shard_id: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(shard_id) * 104_729 + 12_345) % (2**31 - 1)
 
 
 def _resolve_device(device: str) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
+    """srel_fast.distributed.resolve_device, with the CUDA index made explicit (DALI's device_id)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
     return dev
 
@@ -287,7 +282,7 @@ class ImageLoader(abc.ABC):
         self._epoch_total = (n // cfg.num_shards) * cfg.num_shards if self.drop_last else n
         if self._epoch_total == 0:
             raise ValueError(f"{n} samples cannot be split over {cfg.num_shards} shards with drop_last=True")
-        lo, hi = _shard_bounds(self._epoch_total, cfg.shard_id, cfg.num_shards)
+        lo, hi = shard_bounds(self._epoch_total, cfg.shard_id, cfg.num_shards)
         self.num_samples = hi - lo
         self.epoch = 0
 
@@ -315,7 +310,7 @@ class ImageLoader(abc.ABC):
     def shard_indices(self, epoch: int) -> list[int]:
         """Sample indices this shard visits in ``epoch``, in order (before dropping the last partial batch)."""
         order = self.epoch_order(epoch)
-        lo, hi = _shard_bounds(len(order), self.cfg.shard_id, self.cfg.num_shards)
+        lo, hi = shard_bounds(len(order), self.cfg.shard_id, self.cfg.num_shards)
         return order[lo:hi]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -378,14 +373,7 @@ def _rrc_params(rng: random.Random, width: int, height: int, scale, ratio) -> tu
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    in_ratio = width / height           # fallback: centre crop, ratio clamped into range
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return fallback_crop_box(height, width, ratio)
 
 
 class _TorchTransform:
@@ -574,7 +562,7 @@ class DaliImageLoader(ImageLoader):
         order = self.epoch_order(epoch)
         files = [self.samples[i][0] for i in order]
         labels = [int(self.samples[i][1]) for i in order]
-        lo, hi = _shard_bounds(len(order), cfg.shard_id, cfg.num_shards)
+        lo, hi = shard_bounds(len(order), cfg.shard_id, cfg.num_shards)
         shard_files = files[lo:hi]
         seen = 0
         pipe = it = None

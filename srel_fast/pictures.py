@@ -85,7 +85,7 @@ def embedding_plot(teacher_path: str, syn: str, path: str, data: str = "fashion-
                    real_per_class: int = 100, method: str = "tsne", seed: int = 0, device: str = "cpu") -> dict:
     from .data import Normalization, load_builtin
     from .models import load_model
-    from .train import load_synthetic
+    from .images import load_synthetic
 
     import matplotlib
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 import shutil
@@ -42,6 +41,7 @@ from .files import append_jsonl, environment, read_json, read_jsonl, write_json
 from .images import IMAGE_FORMATS, PIXEL_ROUNDINGS, image_path, save_image
 from .models import MEAN_STD, load_model, require_batchnorm
 from .recipes import apply_recipe, get_recipe, resolve_recipe
+from .seeds import derived_seed
 
 CLASS_LAYOUTS = ("consecutive", "round-robin")
 INITS = ("noise", "real")
@@ -247,18 +247,12 @@ def class_batches(num_classes: int, batch_size: int, layout: str = "round-robin"
 
 
 def job_seed(seed: int, ipc_index: int, batch_index: int) -> int:
-    digest = hashlib.sha256(f"srel-fast/recover/{seed}/{ipc_index}/{batch_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derived_seed("recover", seed, ipc_index, batch_index)
 
 
 def cosine_lr(base_lr: float, iteration: int, iterations: int) -> float:
     """The original code's lr_cosine_policy without warm-up."""
     return 0.5 * (1 + math.cos(math.pi * iteration / iterations)) * base_lr
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``/``cuda`` mean the local rank's GPU under torchrun (srel_fast.distributed)."""
-    return _dist.resolve_device(name)
 
 
 class RealImages:
@@ -549,7 +543,10 @@ def prepare_output(cfg: RecoverConfig, record: dict) -> None:
     config_path = os.path.join(cfg.out, "recover_config.json")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UserError(f"output path {cfg.out} exists and is not a directory.")
-    if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+    # another rank's config being written (atomic_path's temporary file) does not make the tree foreign
+    entries = os.path.isdir(cfg.out) and [f for f in os.listdir(cfg.out)
+                                          if not (f.startswith(".recover_config.json.") and f.endswith(".tmp"))]
+    if entries:
         if cfg.overwrite:
             if not os.path.exists(config_path):
                 raise UserError(f"output directory {cfg.out} holds files that are not a recovery run; "
@@ -655,7 +652,7 @@ def run_recover(cfg: RecoverConfig) -> dict:
 
     if cfg.backend is not None and cfg.backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}.")
-    device = resolve_device(cfg.device)
+    device = _dist.resolve_device(cfg.device)
     cfg = resolve_speed(cfg, device)
     norm = Normalization(loaded.mean, loaded.std)
     record = {

@@ -146,7 +146,7 @@ def plot(data: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .continual import MODE_NAMES, _ordered, seen_classes
+    from .continual import draw_curves
 
     panels = (1 if data["rows"] else 0) + sum(len(r["results"]) for r in data["continual"])
     fig, axes = plt.subplots(1, max(1, panels), figsize=(6 * max(1, panels), 4), squeeze=False)
@@ -168,10 +168,7 @@ def plot(data: dict, path: str) -> None:
     for res in data["continual"]:
         for steps, by_mode in sorted(res["results"].items(), key=lambda kv: int(kv[0])):
             ax = axes.pop(0)
-            splits = res.get("splits", {}).get(steps)
-            for mode, accs in _ordered(by_mode):
-                xs = [len(seen_classes(splits, s)) if splits else s + 1 for s in range(len(accs))]
-                ax.plot(xs, accs, marker="o", label=MODE_NAMES.get(mode, mode))
+            draw_curves(ax, by_mode, res.get("splits", {}).get(steps))
             ax.set_xlabel("classes seen")
             ax.set_ylabel("top-1 on seen classes (%)")
             ax.set_title(f"continual, {steps} steps, {res.get('memory_per_class')} img/class", fontsize=9)

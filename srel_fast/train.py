@@ -1,7 +1,7 @@
 """Stage 3b, Train: a student from scratch on the synthetic set, with soft labels.
 
 The student sees crop k of image i (regenerated from (seed, epoch, batch), see
-relabel.epoch_plan) and learns the teacher's softened distribution:
+crop_plan.epoch_plan) and learns the teacher's softened distribution:
 
     loss = KL( softmax(teacher(crop) / T) || log_softmax(student(crop) / T) )   (batch mean)
 
@@ -46,10 +46,11 @@ from . import distributed as _dist
 from .data import Normalization, check_data_path, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
 from .files import environment, read_json, write_json
-from .images import load_tree
-from .models import LoadedModel, ModelSpec, build_model, load_model, save_checkpoint
+from .images import load_synthetic
+from .models import ModelSpec, build_model, load_model, save_checkpoint
 from .recipes import apply_recipe, resolve_recipe
-from .relabel import CropPlanConfig, SoftLabelStore, epoch_plan, make_inputs
+from .crop_plan import CropPlanConfig, epoch_plan, make_inputs
+from .soft_labels import SoftLabelStore
 from .training import (LR_STEPS, evaluate, evaluate_loader, load_resume_state, make_optimizer, make_schedule,
                        parameter_groups, save_resume_state, seed_everything)
 
@@ -164,29 +165,6 @@ def make_student_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     cfg = apply_recipe(cfg, "train")
     groups = parameter_groups(model, cfg.weight_decay, cfg.decay_bn_bias)
     return make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.momentum)
-
-
-def load_synthetic(root: str, teacher: LoadedModel | None, device) -> tuple[torch.Tensor, torch.Tensor, Normalization]:
-    """Synthetic tree -> normalised float images on ``device``, labels, normalisation.
-    The normalisation is the recovery run's (manifest) or the teacher's."""
-    config_path = os.path.join(root, "recover_config.json")
-    if os.path.exists(config_path):
-        rec = read_json(config_path)
-        norm = Normalization(tuple(rec["mean"]), tuple(rec["std"]))
-        n_cls = len(rec["classes"])
-    elif teacher is not None:
-        norm, n_cls = Normalization(teacher.mean, teacher.std), teacher.spec.num_classes
-    else:
-        raise UserError(f"{root} has no recover_config.json; pass --teacher so its normalisation can be used.")
-    images, labels, classes = load_tree(root)
-    folder_ids = [int(c) if c.isdigit() else None for c in classes]
-    if None not in folder_ids:  # srel-fast trees name folders by class index
-        labels = torch.tensor(folder_ids)[labels]
-    if teacher is not None and teacher.spec.num_classes != n_cls:
-        raise UserError(f"the teacher has {teacher.spec.num_classes} classes but the synthetic set {root} has {n_cls}.")
-    if int(labels.max()) >= n_cls:
-        raise UserError(f"the synthetic set {root} has class folders beyond its {n_cls} classes.")
-    return norm.normalize(images.to(device)), labels.to(device), norm
 
 
 def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, spec: ModelSpec,

@@ -1,28 +1,23 @@
-"""The recovery-step benchmark (bench/recover_step.py, bench/baselines.py): every
+"""The recovery-step benchmark (srel_fast/bench/recover_step/, srel_fast/bench/baselines.py): every
 provider runs, DM and MTT compute what their papers say, the reference equals
 the Recoverer's torch backend, and the reports are written."""
 import copy
 import json
 import math
-import os
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from bench import baselines as B  # noqa: E402
-from bench import recover_step as RS  # noqa: E402
+from srel_fast.bench import baselines as B
+from srel_fast.bench.recover_step import cli, configs, providers, reference, timing
+from srel_fast.bench.recover_step.device import resolve_amp
 
 
 def _tiny_config():
-    return RS.BenchConfig(
-        "convnet4", 16, 10, 4, RS.CONFIGS["convnet4-64"].providers,
+    return configs.BenchConfig(
+        "convnet4", 16, 10, 4, configs.CONFIGS["convnet4-64"].providers,
         baselines={
             "dm": B.DMConfig(num_classes=3, ipc=2, image_size=16, width=16, batch_real=4, real_pool_per_class=6),
             "mtt": B.MTTConfig(num_classes=3, ipc=2, image_size=16, width=16, syn_steps=2, batch_syn=3,
@@ -49,13 +44,13 @@ def fast_compile(monkeypatch):
 
 def test_every_provider_runs_one_iteration(fast_compile):
     dev = torch.device("cpu")
-    amp, amp_name = RS.resolve_amp(dev)
-    ctx = RS.Context("tiny", _tiny_config(), dev, amp, amp_name, True, warmup=1, repeats=1)
+    amp, amp_name = resolve_amp(dev)
+    ctx = providers.Context("tiny", _tiny_config(), dev, amp, amp_name, True, warmup=1, repeats=1)
     ran = []
     for name in ctx.cfg.providers:
-        if name in RS.CUDA_ONLY:
+        if name in configs.CUDA_ONLY:
             continue
-        rec = RS.run_provider(name, ctx)
+        rec = timing.run_provider(name, ctx)
         assert rec["status"] == "ok", (name, rec.get("error"), rec.get("traceback"))
         for key in ("ms_per_image_median", "ms_per_iteration_median", "first_iteration_s", "loss"):
             assert math.isfinite(rec[key]) and rec[key] >= 0 or key == "loss", (name, key, rec[key])
@@ -67,7 +62,7 @@ def test_every_provider_runs_one_iteration(fast_compile):
     assert "reference-frozen" not in names  # the reference is the frozen official loop itself
     floor = next(r for r in ran if r["provider"] == "floor")
     assert floor["flops"]["flops_conv"] > 0 and floor["flops_floor_ms_per_image"] > 0
-    RS.add_ratios(ran)
+    timing.add_ratios(ran)
     ref = next(r for r in ran if r["provider"] == "reference")
     assert ref["speedup_vs_reference"] == pytest.approx(1.0)
     assert all("speedup_vs_dm" in r and "speedup_vs_mtt" in r and "speedup_vs_mtt-ipc1" in r for r in ran)
@@ -76,8 +71,8 @@ def test_every_provider_runs_one_iteration(fast_compile):
 def test_failing_provider_is_recorded_not_raised():
     dev = torch.device("cpu")
     cfg = replace(_tiny_config(), baselines={})
-    ctx = RS.Context("tiny", cfg, dev, None, "fp32", True, warmup=1, repeats=1)
-    rec = RS.run_provider("dm", ctx)
+    ctx = providers.Context("tiny", cfg, dev, None, "fp32", True, warmup=1, repeats=1)
+    rec = timing.run_provider("dm", ctx)
     assert rec["status"] == "error" and "dm" in rec["error"]
 
 
@@ -85,9 +80,9 @@ def test_reference_loss_equals_recoverer_torch_backend():
     from srel_fast.recover import RecoverConfig, Recoverer
 
     size, batch, classes = 16, 3, 10
-    teacher = RS.make_teacher("convnet4", classes, size, seed=1)
-    norm = RS.Context("t", _tiny_config(), torch.device("cpu"), None, "fp32", True, 1, 1).norm
-    ref = RS.ReferenceRecovery(copy.deepcopy(teacher), norm, size, classes, batch, torch.device("cpu"), 10, seed=3)
+    teacher = providers.make_teacher("convnet4", classes, size, seed=1)
+    norm = providers.Context("t", _tiny_config(), torch.device("cpu"), None, "fp32", True, 1, 1).norm
+    ref = reference.ReferenceRecovery(copy.deepcopy(teacher), norm, size, classes, batch, torch.device("cpu"), 10, seed=3)
     cfg = RecoverConfig(out="", batch_size=batch, backend="torch", crop_mode="batch").resolved(size)
     assert (cfg.lr, cfg.r_bn, cfg.jitter) == (ref.lr, ref.r_bn, ref.jitter)
     with Recoverer(copy.deepcopy(teacher), norm, size, 3, cfg, torch.device("cpu")) as rec:
@@ -110,9 +105,9 @@ def test_reference_loss_equals_recoverer_torch_backend():
 
 def test_reference_freezes_the_model_like_the_original():
     # data_synthesis.py sets requires_grad=False on every parameter: no weight gradient
-    teacher = RS.make_teacher("convnet4", 10, 16, seed=0)
-    norm = RS.Context("t", _tiny_config(), torch.device("cpu"), None, "fp32", True, 1, 1).norm
-    ref = RS.ReferenceRecovery(teacher, norm, 16, 10, 2, torch.device("cpu"), 4)
+    teacher = providers.make_teacher("convnet4", 10, 16, seed=0)
+    norm = providers.Context("t", _tiny_config(), torch.device("cpu"), None, "fp32", True, 1, 1).norm
+    ref = reference.ReferenceRecovery(teacher, norm, 16, 10, 2, torch.device("cpu"), 4)
     ref.step(0)
     assert all(not p.requires_grad and p.grad is None for p in ref.model.parameters())
     assert ref.x.grad is not None and ref.x.grad.abs().sum() > 0
@@ -123,13 +118,13 @@ def test_reference_freezes_the_model_like_the_original():
 
 def test_baselines_at_both_conventions():
     # the paper's DM / MTT times read as IPC 1 (200 images per update); IPC 10 beside them
-    b = RS.CONFIGS["convnet4-64"].baselines
+    b = configs.CONFIGS["convnet4-64"].baselines
     assert (b["dm-ipc1"].ipc, b["mtt-ipc1"].ipc, b["dm"].ipc, b["mtt"].ipc) == (1, 1, 10, 10)
     assert (b["mtt-ipc1"].syn_steps, b["mtt-ipc1"].batch_syn, b["mtt-ipc1"].max_start_epoch) == (10, None, 10)
     assert (b["mtt"].syn_steps, b["mtt"].max_start_epoch) == (20, 40)
     assert {x.depth for x in b.values()} == {3}
-    ns = RS.build_parser().parse_args(["--baseline-ipc", "5", "--baseline-depth", "4"])
-    cfg, _ = RS.resolve_config(ns, torch.device("cuda"))
+    ns = cli.build_parser().parse_args(["--baseline-ipc", "5", "--baseline-depth", "4"])
+    cfg, _ = cli.resolve_config(ns, torch.device("cuda"))
     assert cfg.baselines["dm"].ipc == 5 and cfg.baselines["dm-ipc1"].ipc == 1
     assert {x.depth for x in cfg.baselines.values()} == {4}
 
@@ -233,7 +228,7 @@ def test_mtt_one_step_matches_hand_computation_float64():
 
 # ----------------------------------------------------------------------------- reports and CLI
 def test_main_writes_json_markdown_png(tmp_path, capsys):
-    code = RS.main(["--config", "convnet4-64", "--device", "cpu", "--small", "--image-size", "16", "--batch", "2",
+    code = cli.main(["--config", "convnet4-64", "--device", "cpu", "--small", "--image-size", "16", "--batch", "2",
                     "--providers", "reference,floor,dm,mtt", "--warmup", "1", "--repeats", "2",
                     "--mtt-syn-steps", "2", "--dm-batch-real", "4", "--out-dir", str(tmp_path)])
     assert code == 0
@@ -252,18 +247,18 @@ def test_main_writes_json_markdown_png(tmp_path, capsys):
 
     assert matplotlib.image.imread(str(stem.with_suffix(".png"))).ndim == 3
     (stem.with_suffix(".md")).unlink()
-    assert RS.main(["--render", str(stem.with_suffix(".json"))]) == 0
+    assert cli.main(["--render", str(stem.with_suffix(".json"))]) == 0
     assert "x ref (min)" in (stem.with_suffix(".md")).read_text()
 
 
 def test_bench_cli_dispatch(capsys):
-    from bench import cli
+    from srel_fast.bench import cli as bench_cli
 
-    assert cli.main(["recover-step", "--config", "resnet18-224", "--device", "cpu", "--list"]) == 0
+    assert bench_cli.main(["recover-step", "--config", "resnet18-224", "--device", "cpu", "--list"]) == 0
     listed = capsys.readouterr().out.split()
     assert listed[:3] == ["reference", "reference-compiled", "srel-fast"] and "floor" in listed
     assert "dm" not in listed and "srel-fast-no-cuda-graphs" not in listed
-    assert cli.main(["nope"]) == 2
+    assert bench_cli.main(["nope"]) == 2
     from srel_fast.cli import main as srel_main
 
     assert srel_main(["bench", "recover-step", "--config", "convnet4-64", "--device", "cpu", "--list"]) == 0

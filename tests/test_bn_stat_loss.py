@@ -11,53 +11,10 @@ import sysconfig
 import pytest
 import torch
 
+from conftest import BN_TOL, gpu_backends, make_bn_input
 from srel_fast.kernels import bn_stat_loss, bn_stat_loss_reference, bn_stat_moments
 
-TRITON_MOD = "srel_fast.kernels.bn_stat_triton"
-
-
-# ----------------------------------------------------------------------------- fixtures
-@pytest.fixture
-def triton_interpret(monkeypatch):
-    """Run the triton kernels with TRITON_INTERPRET=1 on CPU tensors.
-
-    triton decides at @triton.jit time (module import) whether a kernel is
-    interpreted, so the kernel module is (re)imported after setting the
-    variable and dropped again afterwards."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    pkg = importlib.import_module("srel_fast.kernels")
-    mod = sys.modules.get(TRITON_MOD)
-    if mod is None or not isinstance(mod._stat_rows_kernel, InterpretedFunction):
-        sys.modules.pop(TRITON_MOD, None)
-        if hasattr(pkg, "bn_stat_triton"):
-            delattr(pkg, "bn_stat_triton")
-        mod = importlib.import_module(TRITON_MOD)
-    assert isinstance(mod._stat_rows_kernel, InterpretedFunction)
-    yield
-    sys.modules.pop(TRITON_MOD, None)
-    if hasattr(pkg, "bn_stat_triton"):
-        delattr(pkg, "bn_stat_triton")
-
-
-@pytest.fixture
-def cpu_ext():
-    from srel_fast.kernels import _ext
-
-    if not _ext.has_op("bn_stat", "cpu"):
-        pytest.skip(f"C++ extension with bn_stat could not be built/loaded: {_ext.load_error()}")
-
-
-@pytest.fixture
-def backend(request):
-    name = request.param
-    if name == "cpu":
-        request.getfixturevalue("cpu_ext")
-    elif name == "triton":
-        request.getfixturevalue("triton_interpret")
-    return name
+TRITON_MOD = "srel_fast.kernels.bn_stat_loss_triton"
 
 
 BACKENDS = ["torch", "cpu", "triton"]
@@ -81,25 +38,6 @@ CASES = [
     ((2, 3, 40, 40), "channels_last", 2),
 ]
 
-# dtype -> (loss rtol, grad tol relative to max |grad|)
-TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-4, 1.6e-2)}
-
-
-def make_input(shape, layout, dtype, seed=0, loc=0.5, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    if layout == "transposed":
-        n, c, l = shape
-        x = (torch.randn(n, l, c, generator=g) * scale + loc).to(dtype).transpose(1, 2)
-    else:
-        x = (torch.randn(shape, generator=g) * scale + loc).to(dtype)
-        if layout == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
-    c = shape[1]
-    rm = torch.randn(c, generator=g)
-    rv = torch.rand(c, generator=g) * 3 + 0.5
-    return x, rm, rv
-
-
 def check_against_reference(x, rm, rv, weight, backend, groups, dense=True, grad_tol=None):
     x = x.detach().requires_grad_(True)
     loss = bn_stat_loss(x, rm, rv, weight, backend=backend, groups=groups)
@@ -107,7 +45,7 @@ def check_against_reference(x, rm, rv, weight, backend, groups, dense=True, grad
     xd = x.detach().double().requires_grad_(True)
     ref = bn_stat_loss_reference(xd, rm.double(), rv.double(), weight, groups=groups)
     ref.backward()
-    lt, gt = TOL[x.dtype]
+    lt, gt = BN_TOL[x.dtype]
     gt = grad_tol or gt
     assert loss.dtype == torch.float32 and loss.dim() == 0
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=lt, atol=1e-6)
@@ -125,19 +63,19 @@ def check_against_reference(x, rm, rv, weight, backend, groups, dense=True, grad
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,layout,groups", CASES, ids=lambda v: str(v))
 def test_loss_and_grad_match_float64(backend, dtype, shape, layout, groups):
-    x, rm, rv = make_input(shape, layout, dtype, seed=hash((shape, layout)) % 1000)
+    x, rm, rv = make_bn_input(shape, layout, dtype, seed=hash((shape, layout)) % 1000)
     check_against_reference(x, rm, rv, 0.7, backend, groups)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_noncontiguous_input(backend):
-    x, rm, rv = make_input((4, 6, 8, 10), "contiguous", torch.float32)
+    x, rm, rv = make_bn_input((4, 6, 8, 10), "contiguous", torch.float32)
     check_against_reference(x[:, :, ::2, 1:7], rm, rv, 1.3, backend, 1, dense=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_moments_match_torch(backend):
-    x, rm, _ = make_input((3, 11, 6, 5), "channels_last", torch.float32)
+    x, rm, _ = make_bn_input((3, 11, 6, 5), "channels_last", torch.float32)
     mean, var = bn_stat_moments(x, rm, backend=backend)
     assert mean.shape == (1, 11) and mean.dtype == torch.float32
     xd = x.double()
@@ -193,7 +131,7 @@ def test_zero_norm_subgradient(backend):
 
 def test_reference_matches_definition():
     """The reference against an independent float64 formula, groups included."""
-    x, rm, rv = make_input((6, 4, 3, 3), "contiguous", torch.float64)
+    x, rm, rv = make_bn_input((6, 4, 3, 3), "contiguous", torch.float64)
     total = 0.0
     for xg in x.chunk(3):
         mu = xg.mean((0, 2, 3))
@@ -203,7 +141,7 @@ def test_reference_matches_definition():
 
 
 def test_groups_are_independent_batches():
-    x, rm, rv = make_input((6, 5, 3, 3), "contiguous", torch.float32)
+    x, rm, rv = make_bn_input((6, 5, 3, 3), "contiguous", torch.float32)
     grouped = bn_stat_loss(x, rm, rv, backend="torch", groups=3)
     separate = sum(bn_stat_loss(xg, rm, rv, backend="torch") for xg in x.chunk(3))
     torch.testing.assert_close(grouped, separate)
@@ -212,7 +150,7 @@ def test_groups_are_independent_batches():
 
 
 def test_auto_and_bad_backend():
-    x, rm, rv = make_input((2, 3, 4, 4), "contiguous", torch.float32)
+    x, rm, rv = make_bn_input((2, 3, 4, 4), "contiguous", torch.float32)
     ref = bn_stat_loss_reference(x.double(), rm, rv)
     torch.testing.assert_close(bn_stat_loss(x, rm, rv).double(), ref, rtol=2e-5, atol=0)
     with pytest.raises(ValueError):
@@ -225,7 +163,7 @@ def test_auto_and_bad_backend():
 def test_opcheck(backend):
     from srel_fast.kernels.bn_stat_loss import _backward_op, _moments_op
 
-    x, rm, rv = make_input((2, 3, 4, 4), "channels_last", torch.float32)
+    x, rm, rv = make_bn_input((2, 3, 4, 4), "channels_last", torch.float32)
     torch.library.opcheck(_moments_op, (x.requires_grad_(True), rm, 1, backend),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     a, b = torch.randn(1, 3), torch.randn(1, 3)
@@ -235,7 +173,7 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
 def test_compile_fullgraph(backend):
-    x, rm, rv = make_input((2, 6, 5, 5), "channels_last", torch.float32)
+    x, rm, rv = make_bn_input((2, 6, 5, 5), "channels_last", torch.float32)
 
     def f(x):
         return bn_stat_loss(x, rm, rv, 0.5, backend=backend, groups=2) * 3.0
@@ -283,9 +221,9 @@ def test_cuda_source_compiles(tmp_path):
         pytest.skip("nvcc or a CUDA build of torch is not available")
     from srel_fast.kernels import _ext
 
-    src = os.path.join(_ext.csrc_dir(), "bn_stat_cuda.cu")
+    src = os.path.join(_ext.csrc_dir(), "bn_stat_loss_cuda.cu")
     std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 12) else "-std=c++17"
-    cmd = [nvcc, "-c", src, "-o", str(tmp_path / "bn_stat_cuda.o"), std, *_nvcc_flags()]
+    cmd = [nvcc, "-c", src, "-o", str(tmp_path / "bn_stat_loss_cuda.o"), std, *_nvcc_flags()]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
 
@@ -293,18 +231,6 @@ def test_cuda_source_compiles(tmp_path):
 # ----------------------------------------------------------------------------- GPU
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _gpu_backends():
-    from srel_fast.kernels import _ext
-    from srel_fast.kernels._backend import triton_available
-
-    out = ["torch"]
-    if triton_available():
-        out.append("triton")
-    if _ext.has_op("bn_stat", "cuda"):
-        out.append("cuda")
-    return out
 
 
 @gpu
@@ -315,9 +241,9 @@ def _gpu_backends():
     ((16, 2048, 7, 7), "contiguous", 2), ((16, 2048, 7, 7), "channels_last", 1),
     ((64, 192, 197), "transposed", 1), ((8, 3, 224, 224), "contiguous", 1)], ids=lambda v: str(v))
 def test_gpu_backends(dtype, shape, layout, groups):
-    x, rm, rv = make_input(shape, layout, dtype, seed=1)
+    x, rm, rv = make_bn_input(shape, layout, dtype, seed=1)
     x = x.cuda()
-    for be in _gpu_backends():
+    for be in gpu_backends("bn_stat_loss"):
         check_against_reference(x, rm.cuda(), rv.cuda(), 0.7, be, groups)
 
 
@@ -326,7 +252,7 @@ def test_gpu_backends(dtype, shape, layout, groups):
 def test_gpu_mean_shift_accuracy():
     x = (torch.randn(16, 8, 32, 32) + 1000.0).cuda()
     true_var = x.double().var((0, 2, 3), unbiased=False)
-    for be in _gpu_backends():
+    for be in gpu_backends("bn_stat_loss"):
         for xx in (x, x.to(memory_format=torch.channels_last)):
             _, var = bn_stat_moments(xx, backend=be)
             torch.testing.assert_close(var[0].double(), true_var, rtol=1e-4, atol=0)
@@ -339,7 +265,7 @@ def test_triton_many_splits_and_lane_states(triton_interpret, monkeypatch, shape
     """Many programs per channel (splits over planes and over L, partial tiles in both, and
     L > one tile: the full-tile and partial-tile lane states) merged by _merge_kernel; the
     mean is shifted far from 0 so that a variance taken from E[x^2] - E[x]^2 would fail."""
-    mod = sys.modules[TRITON_MOD]
+    mod = importlib.import_module(TRITON_MOD)
     monkeypatch.setattr(mod, "_target_programs", lambda device: 97)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(shape, generator=g) * 0.5 + 300.0
@@ -359,7 +285,7 @@ def test_triton_many_splits_and_lane_states(triton_interpret, monkeypatch, shape
 def test_triton_split_configs_cover_the_data():
     """The launch configurations cover every element exactly once with 8-16 programs per SM."""
     pytest.importorskip("triton")
-    from srel_fast.kernels import bn_stat_triton as bt
+    from srel_fast.kernels import bn_stat_loss_triton as bt
 
     target = bt.PROGRAMS_PER_SM * 132
     for B, C, L in ((100, 64, 112 * 112), (100, 2048, 49), (1, 64, 112 * 112), (100, 256, 3136), (3, 5, 1100)):
@@ -374,12 +300,10 @@ def test_triton_split_configs_cover_the_data():
 
 
 _BN_TRITON_COMPILE = r"""
-import os
-os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from srel_fast.kernels import bn_stat_triton as bt
+from srel_fast.kernels import bn_stat_loss_triton as bt
 tgt = GPUTarget("cuda", 90, 32)
 n = 0
 for name, fn, sig, cst, opt in bt.compile_variants():

@@ -10,7 +10,7 @@ from srel_fast.kernels import _ext
 from srel_fast.models import ModelSpec, bn_layers, build_model, load_model
 from srel_fast.recover import Recoverer, RecoverConfig
 
-HAS_CPU_EXT = _ext.has_op("bn_stat", "cpu")
+HAS_CPU_EXT = _ext.has_op("bn_stat_loss", "cpu")
 
 
 @pytest.mark.parametrize("arch,size,ch,tokens", [
@@ -101,7 +101,7 @@ def test_fused_bn_loss_and_gradient_equal_reference(vit_teacher, backend):
     torch.testing.assert_close(res[backend][0], res["torch"][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(res[backend][1], res["torch"][1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(res[backend][2], res["torch"][2], rtol=1e-3, atol=1e-5)
-    assert not any(isinstance(m, nn.Module) and type(m).__name__ == "FusedBatchNormStat" for m in model.modules())
+    assert not any(isinstance(m, nn.Module) and type(m).__name__ == "FusedBNStat" for m in model.modules())
 
 
 @pytest.mark.parametrize("backend", _backends())

@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tree_bytes
 from srel_fast.models import load_model
 from srel_fast.recover import RecoverConfig, run_recover
-from srel_fast.relabel import (RelabelConfig, SoftLabelStore, epoch_plan, index_dtype, make_inputs,
-                               reference_bytes, run_relabel)
-from srel_fast.train import TrainConfig, load_synthetic, run_train
-from test_recover import _tree_bytes
+from srel_fast.crop_plan import epoch_plan, make_inputs
+from srel_fast.images import load_synthetic
+from srel_fast.relabel import RelabelConfig, run_relabel
+from srel_fast.soft_labels import SoftLabelStore, index_dtype, reference_bytes
+from srel_fast.train import TrainConfig, run_train
 
 
 def _torchrun(*args, nproc=2, timeout=240):
@@ -71,8 +73,8 @@ def test_recover_torchrun_is_byte_identical_to_one_process(digits_teacher, tmp_p
                   "--device", "cpu", "--no-progress", "--out", tmp_path / "ddp")
     single = run_recover(RecoverConfig(out=str(tmp_path / "one"), weights=teacher, ipc=2, iterations=5, batch_size=4,
                                        device="cpu", progress=False))
-    assert _tree_bytes(tmp_path / "ddp") == _tree_bytes(tmp_path / "one")
-    assert len(_tree_bytes(tmp_path / "ddp")) == 20
+    assert tree_bytes(tmp_path / "ddp") == tree_bytes(tmp_path / "one")
+    assert len(tree_bytes(tmp_path / "ddp")) == 20
     # Each rank kept its own progress file; the manifest lists every batch.
     assert sorted(f for f in os.listdir(tmp_path / "ddp") if f.startswith("progress")) == \
         ["progress.rank0.jsonl", "progress.rank1.jsonl"]

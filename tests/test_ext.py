@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from srel_fast.kernels import _ext
+from srel_fast.kernels._backend import reset_for_tests
 
 
 @pytest.fixture
@@ -11,7 +12,7 @@ def fresh_ext_state(monkeypatch):
     saved = dict(_ext._state)
     monkeypatch.delenv("SREL_FAST_NO_EXT", raising=False)
     monkeypatch.setenv("SREL_FAST_JIT", "1")
-    _ext._reset_for_tests()
+    reset_for_tests()
     yield
     _ext._state.clear()
     _ext._state.update(saved)
@@ -41,7 +42,7 @@ def test_failed_cuda_build_is_kept_and_raised(monkeypatch, fresh_ext_state):
     def fake_build(with_cuda):
         builds.append(with_cuda)
         if with_cuda:
-            raise RuntimeError("Error building extension 'srel_fast_ext_cuda': bn_stat_cuda.cu(42): error: boom")
+            raise RuntimeError("Error building extension 'srel_fast_ext_cuda': bn_stat_loss_cuda.cu(42): error: boom")
 
     monkeypatch.setattr(_ext, "_jit_build", fake_build)
     monkeypatch.setattr(_ext, "_cuda_buildable", lambda: True)
@@ -49,10 +50,10 @@ def test_failed_cuda_build_is_kept_and_raised(monkeypatch, fresh_ext_state):
     assert _ext.ensure_loaded()  # the CPU kernels still load
     assert builds == [True, False]
     assert not _ext._state["cuda"]
-    assert "bn_stat_cuda.cu(42): error: boom" in _ext.cuda_error()
+    assert "bn_stat_loss_cuda.cu(42): error: boom" in _ext.cuda_error()
     with pytest.raises(RuntimeError, match="boom"):
         _ext.require_cuda_extension()
-    assert not _ext.has_op("bn_stat", "cuda")
+    assert not _ext.has_op("bn_stat_loss", "cuda")
 
 
 def test_no_cuda_device_requires_nothing(monkeypatch, fresh_ext_state):
@@ -84,4 +85,4 @@ def test_gpu_run_uses_compiled_triton_and_cuda_kernels():
     import os
 
     assert os.environ.get("TRITON_INTERPRET", "0") != "1"
-    assert _ext.has_op("bn_stat", "cuda") and _ext.has_op("multicrop", "cuda"), _ext.cuda_error()
+    assert _ext.has_op("bn_stat_loss", "cuda") and _ext.has_op("multicrop_resize", "cuda"), _ext.cuda_error()

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from srel_fast.jpeg_tree import make_fashion_mnist_jpeg_tree
+from srel_fast.bench.jpeg_tree import make_fashion_mnist_jpeg_tree
 from srel_fast.loaders import dali_available
 from srel_fast.recover import RecoverConfig, run_recover
 from srel_fast.squeeze import SqueezeConfig, run_squeeze

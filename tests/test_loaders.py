@@ -1,4 +1,4 @@
-"""Tests for srel_fast.loaders (issue #6): DALI CPU and torch image loaders.
+"""Tests for srel_fast.loaders: DALI CPU and torch image loaders.
 
 Small trees in tmp dirs; every sample of an epoch is identified by matching
 its pixels against the decoded source files, so label mapping, coverage and
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from srel_fast.jpeg_tree import FASHION_MNIST_DIR, make_fashion_mnist_jpeg_tree
+from srel_fast.bench.jpeg_tree import make_fashion_mnist_jpeg_tree
+from srel_fast.data import FASHION_MNIST_DIR
 from srel_fast.loaders import (
     CorruptImageError,
     LoaderConfig,
@@ -315,8 +315,7 @@ def test_train_augmentation_reproducible(fm_tree, backend):
 
 @needs_fmnist
 def test_bench_loader_smoke(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench import bench_loader
+    from srel_fast.bench import bench_loader
 
     out = tmp_path / "r" / "loader.json"
     rc = bench_loader.main(["--per-class", "6", "--epochs", "1", "--warmup", "0", "--batch-size", "16",

@@ -2,23 +2,18 @@
 and the float64 reference (fractional boxes), forward and gradient."""
 import math
 import os
+import shutil
+import subprocess
+import sysconfig
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    # triton reads this when its kernels are decorated (first triton-backend call)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sysconfig  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from srel_fast.kernels import _ext  # noqa: E402
-from srel_fast.kernels._backend import triton_available  # noqa: E402
-from srel_fast.kernels.multicrop_resize import (  # noqa: E402
+from conftest import gpu_backends
+from srel_fast.kernels import _ext
+from srel_fast.kernels._backend import triton_available, triton_interpret
+from srel_fast.kernels.multicrop_resize import (
     multicrop_resize,
     multicrop_resize_reference,
     multicrop_resize_torch,
@@ -82,7 +77,9 @@ def _ids(cases):
 def backends():
     out = []
     out.append("cpu")
-    out.append(pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="triton missing")))
+    out.append(pytest.param("triton", marks=pytest.mark.skipif(
+        not (triton_available() and triton_interpret()),
+        reason="triton missing, or compiled (CUDA machine): the GPU tests cover it there")))
     return out
 
 
@@ -243,7 +240,7 @@ def test_auto_backend_and_errors():
 
 
 def test_cpu_extension_is_built():
-    assert _ext.has_op("multicrop", "cpu"), _ext.load_error()
+    assert _ext.has_op("multicrop_resize", "cpu"), _ext.load_error()
 
 
 def test_opcheck():
@@ -307,7 +304,7 @@ def _nvcc_cmd(out):
         for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
             if os.path.isdir(os.path.join(sp, sub)):
                 incs.append(os.path.join(sp, sub))
-    src = os.path.join(_ext.csrc_dir(), "multicrop_cuda.cu")
+    src = os.path.join(_ext.csrc_dir(), "multicrop_resize_cuda.cu")
     return [
         nvcc, "-c", src, "-o", out, "-std=c++20", *_ext.NVCC_FLAGS,
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-Xcompiler", "-fPIC",
@@ -325,7 +322,7 @@ def test_cuda_source_compiles(tmp_path):
         pytest.skip("nvcc or a CUDA build of torch not present")
     r = subprocess.run(_nvcc_cmd(str(tmp_path / "mc.o")), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "multicrop_cuda.cu(" not in r.stderr, r.stderr[-4000:]  # no warnings in our file
+    assert "multicrop_resize_cuda.cu(" not in r.stderr, r.stderr[-4000:]  # no warnings in our file
 
 
 def test_cuda_fp32_division_is_exact(tmp_path):
@@ -347,12 +344,10 @@ def test_cuda_fp32_division_is_exact(tmp_path):
 
 
 _TRITON_COMPILE = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from srel_fast.kernels import multicrop_triton as mt
+from srel_fast.kernels import multicrop_resize_triton as mt
 tgt = GPUTarget("cuda", 90, 32)
 # every kernel variant the launchers use (dtypes, flip/shift, channel counts, constexpr-1 arguments)
 for name, fn, sig, cst, opt in mt.compile_variants():
@@ -377,10 +372,7 @@ gpu = pytest.mark.gpu
 
 
 def _gpu_backends():
-    out = ["triton"]
-    if _ext.has_op("multicrop", "cuda"):
-        out.append("cuda")
-    return out
+    return [b for b in gpu_backends("multicrop_resize") if b != "torch"]
 
 
 @gpu
@@ -473,12 +465,10 @@ def test_gpu_cuda_graph_capture():
 
 # --------------------------------------------------------------------------- triton: division, grid, channel groups, tables
 _TRITON_PTX_DIV = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from srel_fast.kernels import multicrop_triton as mt
+from srel_fast.kernels import multicrop_resize_triton as mt
 tgt = GPUTarget("cuda", 90, 32)
 jobs = []
 # the launcher's forward kernel, its signature built from its argument names (independent of
@@ -520,7 +510,7 @@ def test_triton_sm90_ptx_has_exact_division():
 
 
 def _mt():
-    from srel_fast.kernels import multicrop_triton as mt
+    from srel_fast.kernels import multicrop_resize_triton as mt
 
     return mt
 

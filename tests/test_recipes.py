@@ -1,4 +1,4 @@
-"""Recipes (issue 14): the paper's settings exactly, srel-fast's own under its name.
+"""Recipes: the paper's settings exactly, srel-fast's own under its name.
 
 Every test here checks one departure from the official SRe2L code that a recipe
 closes; each compares against an independent statement of the official
@@ -23,13 +23,14 @@ from torch import nn
 
 from conftest import run_cli
 from srel_fast import recipes as R
-from srel_fast.augment import CropParams, apply_crops, draw_crop_params
+from srel_fast.augment import apply_crops, draw_crop_params
 from srel_fast.data import Normalization
 from srel_fast.errors import UserError
 from srel_fast.images import encode_image
 from srel_fast.models import TINY_IMAGENET_MEAN_STD, ModelSpec, build_model, load_model
 from srel_fast.recover import BatchResult, Recoverer, RecoverConfig, _save_batch, class_batches, run_recover
-from srel_fast.relabel import RelabelConfig, epoch_plan, make_inputs
+from srel_fast.crop_plan import epoch_plan, make_inputs
+from srel_fast.relabel import RelabelConfig
 from srel_fast.squeeze import SqueezeConfig
 from srel_fast.train import TrainConfig, make_evaluator, make_student_optimizer, train_student
 from srel_fast.training import make_schedule, seed_everything

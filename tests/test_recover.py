@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import recover, tree_bytes
 from srel_fast.bn_matching import ReferenceBNMatching
 from srel_fast.errors import NonFiniteLoss, UserError
 from srel_fast.models import ModelSpec, bn_layers, build_model, load_model
-from srel_fast.recover import RecoverConfig, class_batches, cosine_lr, run_recover
+from srel_fast.recover import class_batches, cosine_lr
 
 
 def _bn_model(seed=0, arch="convnet3", channels=1, size=8, width=6, classes=5):
@@ -82,26 +83,11 @@ def test_class_batches_round_robin():
 PAPER_OBJECTIVE = dict(init="noise", r_class=0.0, first_bn_multiplier=10.0)
 
 
-def _recover(teacher, out, **kw):
-    cfg = dict(out=str(out), weights=teacher, ipc=2, iterations=6, batch_size=4, device="cpu", progress=False)
-    cfg.update(kw)
-    return run_recover(RecoverConfig(**cfg))
-
-
-def _tree_bytes(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            if f.endswith(".png"):
-                out[os.path.relpath(os.path.join(dirpath, f), root)] = open(os.path.join(dirpath, f), "rb").read()
-    return out
-
-
 def test_recover_tree_is_complete_and_reproducible(digits_teacher, tmp_path):
     teacher, _ = digits_teacher
-    m1 = _recover(teacher, tmp_path / "a")
-    _recover(teacher, tmp_path / "b")
-    a, b = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b")
+    m1 = recover(teacher, tmp_path / "a")
+    recover(teacher, tmp_path / "b")
+    a, b = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
     assert a == b and len(a) == 20
     for c in range(10):
         files = sorted(os.listdir(tmp_path / "a" / f"{c:05d}"))
@@ -109,43 +95,43 @@ def test_recover_tree_is_complete_and_reproducible(digits_teacher, tmp_path):
     assert m1["completed_batches"] == 2 * 3 and not m1["failed_batches"]
     assert all(e["iterations_done"] == 6 for e in m1["batches"])
     # Another seed gives other images.
-    _recover(teacher, tmp_path / "c", seed=1)
-    assert _tree_bytes(tmp_path / "c") != a
+    recover(teacher, tmp_path / "c", seed=1)
+    assert tree_bytes(tmp_path / "c") != a
 
 
 @pytest.mark.parametrize("objective", [PAPER_OBJECTIVE, dict(class_images=1)],
                          ids=["paper", "class-aware"])
 def test_recover_in_pieces_equals_one_run(digits_teacher, tmp_path, objective):
     teacher, _ = digits_teacher
-    _recover(teacher, tmp_path / "whole", **objective)
-    _recover(teacher, tmp_path / "parts", ipc_start=1, ipc_end=2, **objective)
-    _recover(teacher, tmp_path / "parts", ipc_start=0, ipc_end=1, **objective)
+    recover(teacher, tmp_path / "whole", **objective)
+    recover(teacher, tmp_path / "parts", ipc_start=1, ipc_end=2, **objective)
+    recover(teacher, tmp_path / "parts", ipc_start=0, ipc_end=1, **objective)
     os.remove(tmp_path / "parts" / "00003" / "ipc00000.png")  # a lost file is redone
-    _recover(teacher, tmp_path / "parts", **objective)
-    assert _tree_bytes(tmp_path / "whole") == _tree_bytes(tmp_path / "parts")
+    recover(teacher, tmp_path / "parts", **objective)
+    assert tree_bytes(tmp_path / "whole") == tree_bytes(tmp_path / "parts")
 
 
 def test_class_aware_pieces_must_hold_whole_groups(digits_teacher, tmp_path):
     teacher, _ = digits_teacher
     with pytest.raises(UserError, match="multiples of 2"):
-        _recover(teacher, tmp_path / "o", class_images=2, ipc_start=1, ipc_end=2)
+        recover(teacher, tmp_path / "o", class_images=2, ipc_start=1, ipc_end=2)
 
 
 def test_recover_refuses_other_config_in_same_output(digits_teacher, tmp_path):
     teacher, _ = digits_teacher
-    _recover(teacher, tmp_path / "o")
+    recover(teacher, tmp_path / "o")
     with pytest.raises(UserError, match="different config"):
-        _recover(teacher, tmp_path / "o", lr=0.3)
+        recover(teacher, tmp_path / "o", lr=0.3)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
-        _recover(teacher, tmp_path / "other")
+        recover(teacher, tmp_path / "other")
 
 
 def test_recover_nonfinite_stops_and_keeps_last_finite(digits_teacher, tmp_path):
     teacher, _ = digits_teacher
     with pytest.raises(NonFiniteLoss, match=r"ipc 0, batch 0"):
-        _recover(teacher, tmp_path / "nan", r_bn=1e38, **PAPER_OBJECTIVE)
+        recover(teacher, tmp_path / "nan", r_bn=1e38, **PAPER_OBJECTIVE)
     failed = tmp_path / "nan" / "failed" / "ipc00000_batch00000"
     assert len(os.listdir(failed)) == 4
     assert not os.path.exists(tmp_path / "nan" / "00000" / "ipc00000.png")
@@ -153,7 +139,7 @@ def test_recover_nonfinite_stops_and_keeps_last_finite(digits_teacher, tmp_path)
 
 def test_recover_skip_nonfinite_goes_on(digits_teacher, tmp_path):
     teacher, _ = digits_teacher
-    m = _recover(teacher, tmp_path / "skip", r_bn=1e38, on_nonfinite="skip", ipc=1, **PAPER_OBJECTIVE)
+    m = recover(teacher, tmp_path / "skip", r_bn=1e38, on_nonfinite="skip", ipc=1, **PAPER_OBJECTIVE)
     assert len(m["failed_batches"]) == 3 and m["completed_batches"] == 0
 
 
@@ -161,7 +147,7 @@ def test_recover_skip_nonfinite_goes_on(digits_teacher, tmp_path):
                                     ({"crop_mode": "tile"}, "--crop-mode"), ({"ipc_start": 2}, "--ipc-start")])
 def test_recover_bad_ranges(digits_teacher, tmp_path, kw, msg):
     with pytest.raises(UserError, match=msg):
-        _recover(digits_teacher[0], tmp_path / "bad", **kw)
+        recover(digits_teacher[0], tmp_path / "bad", **kw)
     assert not os.path.exists(tmp_path / "bad")
 
 

@@ -2,12 +2,13 @@
 import pytest
 import torch
 
+from conftest import tree_bytes
 from srel_fast.data import Normalization
 from srel_fast.kernels import _ext
 from srel_fast.models import load_model
 from srel_fast.recover import Recoverer, RecoverConfig
 
-needs_ext = pytest.mark.skipif(not _ext.has_op("bn_stat", "cpu") or not _ext.has_op("multicrop", "cpu"),
+needs_ext = pytest.mark.skipif(not _ext.has_op("bn_stat_loss", "cpu") or not _ext.has_op("multicrop_resize", "cpu"),
                                reason=f"C++ extension unavailable: {_ext.load_error()}")
 
 
@@ -55,7 +56,6 @@ def test_compiled_step_matches_eager(digits_teacher):
 def test_grouped_batches_follow_their_own_objectives(digits_teacher, tmp_path, backend):
     """Three recovery batches stacked into one launch give each batch the images it gets alone."""
     from srel_fast.recover import run_recover
-    from test_recover import _tree_bytes
 
     def run(out, groups):
         return run_recover(RecoverConfig(out=str(tmp_path / out), weights=digits_teacher[0], ipc=3, iterations=6,
@@ -64,7 +64,7 @@ def test_grouped_batches_follow_their_own_objectives(digits_teacher, tmp_path, b
 
     alone, stacked = run("alone", 1), run("stacked", 3)
     assert {e["group_batches"] for e in stacked["batches"]} == {3}
-    a, b = _tree_bytes(tmp_path / "alone"), _tree_bytes(tmp_path / "stacked")
+    a, b = tree_bytes(tmp_path / "alone"), tree_bytes(tmp_path / "stacked")
     assert a.keys() == b.keys() and len(a) == 30
     from srel_fast.images import load_tree
 

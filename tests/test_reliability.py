@@ -9,9 +9,8 @@ import time
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import recover, run_cli, tree_bytes
 from srel_fast.models import load_model
-from test_recover import _recover, _tree_bytes
 
 
 def _cli(*args):
@@ -43,12 +42,12 @@ def test_recover_sigkill_then_rerun_is_byte_identical(digits_teacher, tmp_path):
     killed = _kill_when(_cli(*args, "--out", tmp_path / "killed"),
                         lambda: _lines(tmp_path / "killed" / "progress.jsonl") >= 2)
     assert killed, "the run finished before it could be killed"
-    n_before = len(_tree_bytes(tmp_path / "killed"))
+    n_before = len(tree_bytes(tmp_path / "killed"))
     assert 0 < n_before < 30
     assert subprocess.run(_cli(*args, "--out", tmp_path / "killed"), capture_output=True).returncode == 0
     assert subprocess.run(_cli(*args, "--out", tmp_path / "whole"), capture_output=True).returncode == 0
-    whole = _tree_bytes(tmp_path / "whole")
-    assert len(whole) == 30 and _tree_bytes(tmp_path / "killed") == whole
+    whole = tree_bytes(tmp_path / "whole")
+    assert len(whole) == 30 and tree_bytes(tmp_path / "killed") == whole
     assert not [f for _, _, fs in os.walk(tmp_path / "killed") for f in fs if f.endswith(".tmp")]
 
 
@@ -60,13 +59,13 @@ def test_recover_two_processes_equal_one(digits_teacher, tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in range(2)]
     for p in procs:
         assert p.wait() == 0, p.stderr.read().decode()
-    _recover(teacher, tmp_path / "single", ipc=2, iterations=5, batch_size=4)
-    assert _tree_bytes(tmp_path / "sharded") == _tree_bytes(tmp_path / "single")
+    recover(teacher, tmp_path / "single", ipc=2, iterations=5, batch_size=4)
+    assert tree_bytes(tmp_path / "sharded") == tree_bytes(tmp_path / "single")
 
 
 def test_train_sigkill_then_rerun_gives_same_weights(digits_teacher, tmp_path):
     teacher = digits_teacher[0]
-    _recover(teacher, tmp_path / "syn", ipc=2, iterations=3, batch_size=10)
+    recover(teacher, tmp_path / "syn", ipc=2, iterations=3, batch_size=10)
     args = ["train", "--syn", tmp_path / "syn", "--teacher", teacher, "--arch", "convnet3", "--width", 8,
             "--val", "digits", "--epochs", 40, "--batch-size", 8, "--device", "cpu", "--no-progress"]
     resume = tmp_path / "killed" / "train.resume"
@@ -139,12 +138,12 @@ def test_full_disk_leaves_no_truncated_image_and_rerun_completes(digits_teacher,
         Image.open(p).load()  # every image on disk is complete
     monkeypatch.setattr(files.os, "replace", real_replace)
     assert run_cli(args, capsys)[0] == 0
-    assert _tree_bytes(tmp_path / "s") == _tree_bytes(_recover(teacher, tmp_path / "ref", ipc=1, iterations=3)["config"]["out"])
+    assert tree_bytes(tmp_path / "s") == tree_bytes(recover(teacher, tmp_path / "ref", ipc=1, iterations=3)["config"]["out"])
 
 
 def test_unreadable_synthetic_image_is_named(digits_teacher, tmp_path, capsys):
     teacher = digits_teacher[0]
-    _recover(teacher, tmp_path / "syn", ipc=1, iterations=2, batch_size=10)
+    recover(teacher, tmp_path / "syn", ipc=1, iterations=2, batch_size=10)
     bad = tmp_path / "syn" / "00004" / "ipc00000.png"
     bad.write_bytes(b"\x89PNG broken")
     code, err = run_cli(["train", "--syn", tmp_path / "syn", "--teacher", teacher, "--arch", "convnet3", "--val", "digits",
@@ -167,7 +166,7 @@ def test_skip_mode_reports_failed_batches_and_exits_nonzero(digits_teacher, tmp_
 
 @pytest.fixture()
 def small_jpeg_tree(tmp_path):
-    from srel_fast.jpeg_tree import make_fashion_mnist_jpeg_tree
+    from srel_fast.bench.jpeg_tree import make_fashion_mnist_jpeg_tree
 
     root = tmp_path / "tree"
     make_fashion_mnist_jpeg_tree(root, per_class=4, split="test")

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from srel_fast.errors import UserError
 from srel_fast.models import ModelSpec, build_model, load_model, save_checkpoint
 from srel_fast.recover import RecoverConfig, run_recover
-from srel_fast.relabel import RelabelConfig, SoftLabelStore, epoch_plan, make_inputs, run_relabel
-from srel_fast.train import TrainConfig, load_synthetic, run_train
+from srel_fast.crop_plan import epoch_plan, make_inputs
+from srel_fast.images import load_synthetic
+from srel_fast.relabel import RelabelConfig, run_relabel
+from srel_fast.soft_labels import SoftLabelStore
+from srel_fast.train import TrainConfig, run_train
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_stored_labels_match_online_teacher(syn_tree, digits_teacher, tmp_path, 
 
 
 def test_epoch_plan_is_deterministic_and_covers_every_image():
-    from srel_fast.relabel import CropPlanConfig
+    from srel_fast.crop_plan import CropPlanConfig
 
     p1 = epoch_plan(CropPlanConfig(seed=3, batch_size=7), 4, 30, 16, 16)
     p2 = epoch_plan(CropPlanConfig(seed=3, batch_size=7), 4, 30, 16, 16)

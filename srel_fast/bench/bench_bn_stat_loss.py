@@ -1,16 +1,14 @@
-"""Micro-benchmarks of the BN statistics loss and the fused eval BN (pytest-benchmark).
+"""Micro-benchmark of bn_stat_loss (pytest-benchmark); the fused eval BN is in bench_fused_bn_stat.py.
 
-    pytest bench/bench_bn_stat_loss.py                        # CPU: scaled-down shapes
-    pytest bench/bench_bn_stat_loss.py --benchmark-json=bench/results/bn_stat_<device>.json   # GPU
+    srel-fast bench kernels -k bn_stat_loss                        # CPU: scaled-down shapes
+    srel-fast bench kernels -k bn_stat_loss --benchmark-json=bench/results/bn_stat_<device>.json   # GPU
 
 Each case is forward + backward (input gradient) at the BatchNorm input shapes
 of ResNet-50 for batch 100 at 224x224 on a GPU (scaled down on the CPU).
 Providers: ``ours-<backend>`` for each backend available on the device, and
-``torch`` (the plain reference, ``bn_stat_loss_reference`` / F.batch_norm +
-reference), plus ``copy`` (x.clone(), the device copy bandwidth to compare
+``torch`` (the plain reference, ``bn_stat_loss_reference``), plus ``copy`` (x.clone(), the device copy bandwidth to compare
 with). ``extra_info`` holds the bytes moved by an ideal implementation
-(read x in the forward; read x (and dy), write dx in the backward; write y
-for the fused BN) and the achieved GB/s = those bytes / mean time, the same
+(read x in the forward; read x, write dx in the backward) and the achieved GB/s = those bytes / mean time, the same
 byte count for every provider so the numbers compare directly.
 """
 from __future__ import annotations
@@ -20,9 +18,8 @@ import os
 import pytest
 import torch
 
-from srel_fast.kernels import _ext, bn_stat_loss, bn_stat_loss_reference, fused_batch_norm_stat
+from srel_fast.kernels import _ext, bn_stat_loss, bn_stat_loss_reference
 from srel_fast.kernels._backend import triton_available, triton_interpret
-from srel_fast.kernels.fused_bn import fused_batch_norm_stat_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -45,10 +42,10 @@ def _providers():
     if DEVICE.type == "cuda":
         if triton_available():
             out.append("ours-triton")
-        if _ext.has_op("bn_stat", "cuda"):
+        if _ext.has_op("bn_stat_loss", "cuda"):
             out.append("ours-cuda")
     else:
-        if _ext.has_op("bn_stat", "cpu"):
+        if _ext.has_op("bn_stat_loss", "cpu"):
             out.append("ours-cpu")
         if triton_available() and triton_interpret():
             out.append("ours-triton")
@@ -110,36 +107,6 @@ def test_bn_stat_loss_fwd_bwd(benchmark, provider, dtype, layout, shape):
 
     def fn():
         (g,) = torch.autograd.grad(loss_fn(), x)
-        _sync()
-        return g
-
-    _run(benchmark, fn, nbytes, provider=provider, shape=[BATCH, *shape], dtype=str(dtype), layout=layout)
-
-
-@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "copy"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["channels_last"])
-@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
-def test_fused_bn_fwd_bwd(benchmark, provider, dtype, layout, shape):
-    x, rm, rv = _input(shape, layout, dtype)
-    c = shape[0]
-    w = torch.randn(c, device=DEVICE)
-    b = torch.randn(c, device=DEVICE)
-    dy = torch.randn_like(x).detach()
-    # fwd: read x, write y; bwd: read x and dy, write dx
-    nbytes = 5 * x.numel() * x.element_size()
-    if provider == "torch":
-        def fwd():
-            return fused_batch_norm_stat_reference(x, rm, rv, w, b, 1e-5, 0.01)
-    else:
-        be = provider.split("-", 1)[1]
-
-        def fwd():
-            return fused_batch_norm_stat(x, rm, rv, w, b, 1e-5, 0.01, backend=be)
-
-    def fn():
-        y, loss = fwd()
-        (g,) = torch.autograd.grad((y, loss), x, (dy, torch.ones_like(loss)))
         _sync()
         return g
 

@@ -1,17 +1,17 @@
 // BatchNorm statistics matching: CPU kernels (at::parallel_for / OpenMP) and
-// the schema of the srel_fast_ext::bn_stat_* ops (their CUDA kernels are in
-// bn_stat_cuda.cu). Called from kernels/bn_stat_loss.py with canonical views:
+// the schema of the srel_fast::_ext_bn_stat_loss_* ops (their CUDA kernels are in
+// bn_stat_loss_cuda.cu). Called from kernels/bn_stat_loss.py with canonical views:
 //
 //   x: (G, B, C, L) contiguous   channel-first ("cf": NCHW, (N, C, L))
 //   x: (G, R, C)    contiguous   channel-last  ("cl": NHWC, (N, C), R = B*H*W)
 //
-// bn_stat_fwd(x, shift, scale, bias, y) -> (mean, var), float32 (G, C):
+// _ext_bn_stat_loss_fwd(x, shift, scale, bias, y) -> (mean, var), float32 (G, C):
 //   one read of x; if y.numel() > 0 also writes y = x * scale[c] + bias[c]
 //   (eval-mode BatchNorm) in x's dtype into y (same canonical shape).
 //   Numerics: per (group, channel) sums of (x - shift[c]) and (x - shift[c])^2
 //   accumulated in float64 (shift = the running mean), so there is no
 //   cancellation even when |mean| >> std.
-// bn_stat_bwd(x, dy, scale, m, a, b, dx): one elementwise pass
+// _ext_bn_stat_loss_bwd(x, dy, scale, m, a, b, dx): one elementwise pass
 //   dx = (x - m[g,c]) * b[g,c] + a[g,c]  (+ dy * scale[c] if dy.numel() > 0).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -193,12 +193,12 @@ void bn_stat_bwd_cpu(const at::Tensor& x, const at::Tensor& dy, const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(srel_fast_ext, m) {
-  m.def("bn_stat_fwd(Tensor x, Tensor shift, Tensor scale, Tensor bias, Tensor(a!) y) -> (Tensor, Tensor)");
-  m.def("bn_stat_bwd(Tensor x, Tensor dy, Tensor scale, Tensor m, Tensor a, Tensor b, Tensor(a!) dx) -> ()");
+TORCH_LIBRARY_FRAGMENT(srel_fast, m) {
+  m.def("_ext_bn_stat_loss_fwd(Tensor x, Tensor shift, Tensor scale, Tensor bias, Tensor(a!) y) -> (Tensor, Tensor)");
+  m.def("_ext_bn_stat_loss_bwd(Tensor x, Tensor dy, Tensor scale, Tensor m, Tensor a, Tensor b, Tensor(a!) dx) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(srel_fast_ext, CPU, m) {
-  m.impl("bn_stat_fwd", &bn_stat_fwd_cpu);
-  m.impl("bn_stat_bwd", &bn_stat_bwd_cpu);
+TORCH_LIBRARY_IMPL(srel_fast, CPU, m) {
+  m.impl("_ext_bn_stat_loss_fwd", &bn_stat_fwd_cpu);
+  m.impl("_ext_bn_stat_loss_bwd", &bn_stat_bwd_cpu);
 }

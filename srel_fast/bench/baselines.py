@@ -1,5 +1,5 @@
 """Faithful re-implementations of one synthetic-data update of two baselines,
-for the recovery-step benchmark (bench/recover_step.py).
+for the recovery-step benchmark (srel_fast/bench/recover_step/).
 
 DM  -- Distribution Matching (Zhao & Bilen, "Dataset Condensation with
        Distribution Matching", WACV 2023; code: VICO-UoE/DatasetCondensation,

@@ -18,7 +18,7 @@ epochs; the reported rate is the median over timed epochs of
 images / wall seconds (the batch is consumed: for GPU batches the timing ends
 with a synchronise).
 
-    python -m bench.bench_loader --workers 2 --out bench/results/loader_cpu.json
+    python -m srel_fast.bench.bench_loader --workers 2 --out bench/results/loader_cpu.json
     srel-fast bench loader --workers 2 --out bench/results/loader_cpu.json
 
 ``--out X.json`` writes the JSON record (device, versions, date, exact
@@ -30,21 +30,17 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
+from srel_fast.loaders import LoaderConfig, build_loader, dali_available
 
-from srel_fast.loaders import LoaderConfig, build_loader, dali_available  # noqa: E402
+from .environment import loader_environment
 
 ALL_LOADERS = ("dali-cpu", "torch", "dali-gpu")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,38 +79,6 @@ def _available_loaders() -> list[str]:
     if dali_available() and torch.cuda.is_available():
         out.append("dali-gpu")
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    env = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    for mod, key in (("torchvision", "torchvision"), ("nvidia.dali", "dali"), ("PIL", "pillow"), ("numpy", "numpy"),
-                     ("srel_fast", "srel_fast")):
-        try:
-            m = __import__(mod, fromlist=["__version__"])
-            env[key] = getattr(m, "__version__", "?")
-        except Exception:
-            env[key] = None
-    return env
 
 
 def _count_tree(root: str) -> tuple[int, float]:
@@ -221,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         n_files, avg = _count_tree(data)
         desc = f"{data}: {n_files} files, {avg / 1024:.1f} KiB average"
     else:
-        from srel_fast.jpeg_tree import make_fashion_mnist_jpeg_tree
+        from .jpeg_tree import make_fashion_mnist_jpeg_tree
 
         if ns.tree_dir:
             data = ns.tree_dir
@@ -265,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["srel-fast", "bench", "loader", *argv]),
         "python_argv": list(sys.argv),
-        "environment": environment(),
+        "environment": loader_environment(),
         "config": {k: v for k, v in vars(ns).items() if k not in ("out", "note")},
         "note": ns.note,
         "data": {"description": desc, "files": n_files, "avg_bytes": avg},

@@ -1,14 +1,14 @@
-"""srel_fast.kernels.fused_bn: fused eval BN + stat loss, and bn_stat_matching."""
+"""srel_fast.kernels.fused_bn_stat: fused eval BN + stat loss, and fused_bn_matching."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from srel_fast.kernels import bn_stat_loss_reference, bn_stat_matching, fused_batch_norm_stat
-from srel_fast.kernels.fused_bn import fused_batch_norm_stat_reference
+from srel_fast.kernels import bn_stat_loss_reference, fused_bn_matching, fused_bn_stat
+from srel_fast.kernels.fused_bn_stat import fused_bn_stat_reference
 
-from test_bn_stat_loss import TOL, backend, cpu_ext, make_input, triton_interpret  # noqa: F401 - fixtures
+from conftest import BN_TOL, gpu_backends, make_bn_input
 
 BACKENDS = ["torch", "cpu", "triton"]
 CASES = [
@@ -32,11 +32,11 @@ def bn_params(c, seed=1):
 @pytest.mark.parametrize("shape,layout", CASES, ids=str)
 @pytest.mark.parametrize("uses", ["both", "y_only", "loss_only"])
 def test_fused_matches_reference(backend, dtype, shape, layout, uses):
-    x, rm, rv = make_input(shape, layout, dtype, seed=7)
+    x, rm, rv = make_bn_input(shape, layout, dtype, seed=7)
     w, b = bn_params(shape[1])
     eps = 1e-3
     x.requires_grad_(True)
-    y, loss = fused_batch_norm_stat(x, rm, rv, w, b, eps, loss_weight=2.5, backend=backend)
+    y, loss = fused_bn_stat(x, rm, rv, w, b, eps, loss_weight=2.5, backend=backend)
     assert y.dtype == x.dtype and y.shape == x.shape and y.stride() == x.stride()
     assert loss.dtype == torch.float32 and loss.dim() == 0
     gy = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -44,11 +44,11 @@ def test_fused_matches_reference(backend, dtype, shape, layout, uses):
     obj.backward()
 
     xd = x.detach().double().requires_grad_(True)
-    yr, lr = fused_batch_norm_stat_reference(xd, rm.double(), rv.double(), w.double(), b.double(), eps, 2.5)
+    yr, lr = fused_bn_stat_reference(xd, rm.double(), rv.double(), w.double(), b.double(), eps, 2.5)
     objr = {"both": (yr * gy.double()).sum() + lr, "y_only": (yr * gy.double()).sum(), "loss_only": lr}[uses]
     objr.backward()
 
-    lt, gt = TOL[dtype]
+    lt, gt = BN_TOL[dtype]
     ytol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(y.double(), yr.detach(), rtol=ytol, atol=ytol * yr.abs().max().item())
     torch.testing.assert_close(loss.double(), lr.detach(), rtol=lt, atol=1e-6)
@@ -59,16 +59,16 @@ def test_fused_matches_reference(backend, dtype, shape, layout, uses):
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_fused_dy_in_other_layout_and_affine_grads(backend):
-    x, rm, rv = make_input((3, 5, 4, 4), "channels_last", torch.float32)
+    x, rm, rv = make_bn_input((3, 5, 4, 4), "channels_last", torch.float32)
     w, b = bn_params(5)
     x.requires_grad_(True)
     w.requires_grad_(True)
     b.requires_grad_(True)
-    y, loss = fused_batch_norm_stat(x, rm, rv, w, b, 1e-5, 0.3, backend=backend)
+    y, loss = fused_bn_stat(x, rm, rv, w, b, 1e-5, 0.3, backend=backend)
     gy = torch.randn(3, 5, 4, 4)  # contiguous while y is channels_last
     ((y * gy).sum() + loss).backward()
     xr, wr, br = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
-    yr, lr = fused_batch_norm_stat_reference(xr, rm, rv, wr, br, 1e-5, 0.3)
+    yr, lr = fused_bn_stat_reference(xr, rm, rv, wr, br, 1e-5, 0.3)
     ((yr * gy).sum() + lr).backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-5)
@@ -76,8 +76,8 @@ def test_fused_dy_in_other_layout_and_affine_grads(backend):
 
 
 def test_fused_without_affine_and_groups():
-    x, rm, rv = make_input((6, 4, 3, 3), "contiguous", torch.float32)
-    y, loss = fused_batch_norm_stat(x, rm, rv, None, None, 1e-5, 1.0, backend="torch", groups=3)
+    x, rm, rv = make_bn_input((6, 4, 3, 3), "contiguous", torch.float32)
+    y, loss = fused_bn_stat(x, rm, rv, None, None, 1e-5, 1.0, backend="torch", groups=3)
     yr = nn.functional.batch_norm(x, rm, rv, training=False)
     torch.testing.assert_close(y, yr)
     torch.testing.assert_close(loss, bn_stat_loss_reference(x, rm, rv, groups=3))
@@ -117,7 +117,7 @@ def reference_objective(model, x, first_bn_multiplier=10.0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-def test_bn_stat_matching_eager(backend):
+def test_fused_bn_matching_eager(backend):
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bn_types = [type(m) for m in model.modules()]
@@ -125,7 +125,7 @@ def test_bn_stat_matching_eager(backend):
     xr = x.clone().requires_grad_(True)
     ref = reference_objective(model, xr)
     ref.backward()
-    with bn_stat_matching(model, first_bn_multiplier=10.0, backend=backend) as stats:
+    with fused_bn_matching(model, first_bn_multiplier=10.0, backend=backend) as stats:
         assert len(stats.layers) == 3 and stats.layers[0].loss_weight == 10.0
         assert list(model.state_dict()) == list(before)
         xe = x.clone().requires_grad_(True)
@@ -139,10 +139,10 @@ def test_bn_stat_matching_eager(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
-def test_bn_stat_matching_compile_fullgraph(backend):
+def test_fused_bn_matching_compile_fullgraph(backend):
     model = small_model()
     x = torch.randn(4, 3, 6, 6)
-    with bn_stat_matching(model, first_bn_multiplier=10.0, backend=backend) as stats:
+    with fused_bn_matching(model, first_bn_multiplier=10.0, backend=backend) as stats:
         def objective(x):
             return model(x).square().mean() + 0.1 * stats.loss()
 
@@ -158,20 +158,20 @@ def test_bn_stat_matching_compile_fullgraph(backend):
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_bn_stat_matching_errors():
+def test_fused_bn_matching_errors():
     with pytest.raises(ValueError):
-        with bn_stat_matching(nn.Sequential(nn.Linear(3, 3))):
+        with fused_bn_matching(nn.Sequential(nn.Linear(3, 3))):
             pass
     with pytest.raises(ValueError):
-        with bn_stat_matching(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))):
+        with fused_bn_matching(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))):
             pass
     model = small_model()
-    with bn_stat_matching(model, backend="torch") as stats:
+    with fused_bn_matching(model, backend="torch") as stats:
         with pytest.raises(RuntimeError):
             stats.loss()
     # restored even when the body raises
     with pytest.raises(KeyError):
-        with bn_stat_matching(model, backend="torch"):
+        with fused_bn_matching(model, backend="torch"):
             raise KeyError
     assert isinstance(model[1], nn.BatchNorm2d)
 
@@ -181,20 +181,18 @@ def test_bn_stat_matching_errors():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_fused_gpu(dtype, layout):
-    from test_bn_stat_loss import _gpu_backends
-
-    x, rm, rv = make_input((32, 96, 28, 28), layout, dtype, seed=4)
+    x, rm, rv = make_bn_input((32, 96, 28, 28), layout, dtype, seed=4)
     x, rm, rv = x.cuda(), rm.cuda(), rv.cuda()
     w, b = (t.cuda() for t in bn_params(96))
     gy = torch.randn(x.shape, device="cuda").to(dtype)
     xd = x.detach().double().requires_grad_(True)
-    yr, lr = fused_batch_norm_stat_reference(xd, rm.double(), rv.double(), w.double(), b.double(), 1e-5, 0.5)
+    yr, lr = fused_bn_stat_reference(xd, rm.double(), rv.double(), w.double(), b.double(), 1e-5, 0.5)
     ((yr * gy.double()).sum() + lr).backward()
-    for be in _gpu_backends():
+    for be in gpu_backends("bn_stat_loss"):
         xx = x.detach().clone().requires_grad_(True)
-        y, loss = fused_batch_norm_stat(xx, rm, rv, w, b, 1e-5, 0.5, backend=be)
+        y, loss = fused_bn_stat(xx, rm, rv, w, b, 1e-5, 0.5, backend=be)
         ((y.float() * gy.float()).sum() + loss).backward()
-        lt, gt = TOL[dtype]
+        lt, gt = BN_TOL[dtype]
         torch.testing.assert_close(loss.double(), lr.detach(), rtol=lt, atol=1e-6)
         torch.testing.assert_close(xx.grad.double(), xd.grad, rtol=0, atol=gt * xd.grad.abs().max().item())
 
@@ -204,13 +202,13 @@ def test_fused_gpu(dtype, layout):
 @pytest.mark.parametrize("affine_grad", [False, True])
 def test_decomposed_path_matches_reference_float64(groups, layout, affine_grad):
     """The plain-op path ``auto`` uses under torch.compile: same y, loss and every gradient."""
-    from srel_fast.kernels.fused_bn import fused_batch_norm_stat_decomposed
+    from srel_fast.kernels.fused_bn_stat import fused_bn_stat_decomposed
 
-    x, rm, rv = make_input((4, 6, 5, 7), layout, torch.float64, seed=7)
+    x, rm, rv = make_bn_input((4, 6, 5, 7), layout, torch.float64, seed=7)
     w, b = (t.double() for t in bn_params(6))
     gy = torch.randn(x.shape, dtype=torch.float64)
     grads = []
-    for fn in (fused_batch_norm_stat_decomposed, fused_batch_norm_stat_reference):
+    for fn in (fused_bn_stat_decomposed, fused_bn_stat_reference):
         xx = x.detach().clone().requires_grad_(True)
         ww, bb = (t.detach().clone().requires_grad_(affine_grad) for t in (w, b))
         y, loss = fn(xx, rm.double(), rv.double(), ww, bb, 1e-5, 0.3, groups=groups)
@@ -229,16 +227,19 @@ def test_auto_under_compile_takes_the_plain_op_path_with_the_same_result(monkeyp
     """``auto`` inside torch.compile on CUDA traces plain ops (inductor fuses them with the
     layers around); the loss and input gradient equal the eager custom-op path's. (The plain
     path is chosen for CUDA tensors; here it is forced on the CPU to test it without a GPU.)"""
-    from srel_fast.kernels import fused_bn
+    import importlib
+
+    fused_bn = importlib.import_module("srel_fast.kernels.fused_bn_stat")  # the module; the package's
+    # attribute of that name is the op
 
     calls = []
-    real = fused_bn.fused_batch_norm_stat_decomposed
+    real = fused_bn.fused_bn_stat_decomposed
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(fused_bn, "fused_batch_norm_stat_decomposed", spy)
+    monkeypatch.setattr(fused_bn, "fused_bn_stat_decomposed", spy)
     monkeypatch.setattr(fused_bn, "plain_ops_under_compile", lambda x: torch.compiler.is_compiling())
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -253,7 +254,7 @@ def test_auto_under_compile_takes_the_plain_op_path_with_the_same_result(monkeyp
     seen = []
 
     def loss_of(xx):
-        with bn_stat_matching(model, backend="auto") as stats:
+        with fused_bn_matching(model, backend="auto") as stats:
             out = model(xx)
             seen.append(torch.compiler.is_compiling())
             return out.square().mean() + stats.loss()

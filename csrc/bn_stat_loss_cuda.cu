@@ -1,5 +1,5 @@
-// BatchNorm statistics matching: CUDA kernels of srel_fast_ext::bn_stat_fwd /
-// bn_stat_bwd (schemas and CPU kernels in bn_stat.cpp). Canonical views:
+// BatchNorm statistics matching: CUDA kernels of srel_fast::_ext_bn_stat_loss_fwd /
+// _ext_bn_stat_loss_bwd (schemas and CPU kernels in bn_stat_loss.cpp). Canonical views:
 //   x: (G, B, C, L) contiguous  channel-first  (NCHW, (N, C, L))
 //   x: (G, R, C)    contiguous  channel-last   (NHWC, (N, C))
 //
@@ -820,7 +820,7 @@ void bn_stat_bwd_cuda(const at::Tensor& x, const at::Tensor& dy, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(srel_fast_ext, CUDA, m) {
-  m.impl("bn_stat_fwd", &bn_stat_fwd_cuda);
-  m.impl("bn_stat_bwd", &bn_stat_bwd_cuda);
+TORCH_LIBRARY_IMPL(srel_fast, CUDA, m) {
+  m.impl("_ext_bn_stat_loss_fwd", &bn_stat_fwd_cuda);
+  m.impl("_ext_bn_stat_loss_bwd", &bn_stat_bwd_cuda);
 }

@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU (multicrop.cpp) and CUDA (multicrop_cuda.cu)
+// Argument checks shared by the CPU (multicrop_resize.cpp) and CUDA (multicrop_resize_cuda.cu)
 // kernels of the multi-crop resize op.
 #pragma once
 

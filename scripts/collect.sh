@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Copy the small result files of run_xarch.sh / run_bnvit10.sh / run_continual10.sh into docs/results,
-# draw the pictures and write the report. Usage: bash docs/results/collect.sh [W] [W2]
+# draw the pictures and write the report. Usage, from the repository root: bash scripts/collect.sh [W [W2]]
+# (default runs/res runs/res2)
 set -euo pipefail
-W=${1:-/tmp/srel_res}
-W2=${2:-/tmp/srel_res2}
+W=${1:-runs/res}
+W2=${2:-runs/res2}
 R=docs/results
 export OMP_NUM_THREADS=1
 mkdir -p $R/train $R/teachers $R/recover $R/continual $R/pictures

@@ -2,8 +2,9 @@
 test split (whole, or TEST_PER_CLASS images per class) into OUT, for
 SREL_FAST_FASHION_MNIST=OUT (CPU-sized runs). Subsets are drawn with
 numpy.random.default_rng(SEED), per class, and kept in the original order.
+The source is srel_fast.data's Fashion-MNIST folder.
 
-    python docs/results/make_subset.py OUT PER_CLASS [SEED [TEST_PER_CLASS]]
+    python scripts/make_subset.py OUT PER_CLASS [SEED [TEST_PER_CLASS]]
 """
 import gzip
 import os
@@ -12,31 +13,23 @@ import sys
 
 import numpy as np
 
-SRC = "/usr/share/datasets/fashion-mnist"
+from srel_fast.data import FASHION_MNIST_DIR, read_idx
 
 
-def read(path):
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return data[: 4 + 4 * ndim], np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def write(path, header, arr):
-    header = bytearray(header)
-    header[4:8] = len(arr).to_bytes(4, "big")
+def write_idx(path, arr):
+    """An unsigned-byte idx file (gzip), the format read_idx reads."""
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
     with gzip.open(path, "wb") as f:
-        f.write(bytes(header) + arr.tobytes())
+        f.write(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
 
 
 def subset(prefix, out, per_class, seed):
-    hi, images = read(f"{SRC}/{prefix}-images-idx3-ubyte.gz")
-    hl, labels = read(f"{SRC}/{prefix}-labels-idx1-ubyte.gz")
+    images = read_idx(os.path.join(FASHION_MNIST_DIR, f"{prefix}-images-idx3-ubyte.gz"))
+    labels = read_idx(os.path.join(FASHION_MNIST_DIR, f"{prefix}-labels-idx1-ubyte.gz"))
     rng = np.random.default_rng(seed)
     idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(10)]))
-    write(f"{out}/{prefix}-images-idx3-ubyte.gz", hi, images[idx])
-    write(f"{out}/{prefix}-labels-idx1-ubyte.gz", hl, labels[idx])
+    write_idx(f"{out}/{prefix}-images-idx3-ubyte.gz", images[idx])
+    write_idx(f"{out}/{prefix}-labels-idx1-ubyte.gz", labels[idx])
 
 
 def main(out, per_class, seed=0, test_per_class=None):
@@ -44,7 +37,7 @@ def main(out, per_class, seed=0, test_per_class=None):
     subset("train", out, per_class, seed)
     if test_per_class is None:
         for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-            shutil.copy(f"{SRC}/{name}", f"{out}/{name}")
+            shutil.copy(os.path.join(FASHION_MNIST_DIR, name), f"{out}/{name}")
     else:
         subset("t10k", out, test_per_class, seed)
 

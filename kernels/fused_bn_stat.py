@@ -1,19 +1,24 @@
-"""Fused eval-mode BatchNorm + BN statistics loss, and the drop-in context.
+"""Fused eval-mode BatchNorm + BN statistics loss, and the model-wide context.
 
-``fused_batch_norm_stat`` returns y = eval-mode BatchNorm(x) (running stats,
-same dtype and memory format as x) and the weighted BN statistics loss of x
-(see bn_stat_loss.py), both from ONE read of x (op
-``srel_fast::fused_bn_stat``). Its backward is ONE elementwise pass:
+``fused_bn_stat`` returns y = eval-mode BatchNorm(x) (running stats, same
+dtype and memory format as x) and the weighted BN statistics loss of x (see
+bn_stat_loss.py), both from ONE read of x (op ``srel_fast::fused_bn_stat``,
+run by the bn_stat_loss kernels: bn_stat_loss_triton.py,
+csrc/bn_stat_loss*.c*). Its backward is ONE elementwise pass:
 
     dx = dy * gamma[c] / sqrt(rv[c] + eps) + g_mu[c] / M + 2 g_var[c] (x - mu[c]) / M
 
 (a missing dy or an unused loss contributes zero). Gradients for the BN
 affine weight/bias, if they require grad, are computed with torch ops.
+``fused_bn_stat_reference`` is the plain-PyTorch reference (F.batch_norm +
+bn_stat_loss_reference); tests/test_fused_bn_stat.py and
+bench/bench_fused_bn_stat.py test and time the op.
 
-``bn_stat_matching(model)`` swaps every BatchNorm1d/2d/3d of a model for a
-``FusedBatchNormStat`` for the duration of a ``with`` block:
+``fused_bn_matching(model)`` swaps every BatchNorm1d/2d/3d of a model for a
+``FusedBNStat`` module for the duration of a ``with`` block ("BN matching":
+the model-wide BN statistics term of the recovery loss):
 
-    with bn_stat_matching(model, first_bn_multiplier=10.0) as stats:
+    with fused_bn_matching(model, first_bn_multiplier=10.0) as stats:
         out = model(x)
         loss = ce(out, y) + r_bn * stats.loss()
 
@@ -30,10 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from ._backend import check_backend
-from .bn_stat_loss import _dims, bn_stat_loss_from_moments, forward_impl, moment_coeffs, new_like
+from .bn_stat_loss import _dims, bn_stat_loss_from_moments, bn_stat_loss_reference, forward_impl, moment_coeffs, new_like
 
-__all__ = ["fused_batch_norm_stat", "fused_batch_norm_moments", "fused_batch_norm_moments_decomposed", "fused_batch_norm_stat_reference", "fused_batch_norm_stat_decomposed", "FusedBatchNormStat", "BNStatMatching",
-           "bn_stat_matching"]
+__all__ = ["fused_bn_stat", "fused_bn_moments", "fused_bn_moments_decomposed", "fused_bn_stat_reference",
+           "fused_bn_stat_decomposed", "FusedBNStat", "FusedBNMatching",
+           "fused_bn_matching"]
 
 
 def _scale_bias(running_mean, running_var, weight, bias, eps):
@@ -74,7 +80,7 @@ def _fused_backward(ctx, grad_y, grad_mean, grad_var):
     a, bb = moment_coeffs(mean, grad_mean, grad_var, b * l)
     dx = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.srel_fast.bn_stat_backward(x, grad_y, s if grad_y is not None else None, mean, a, bb,
+        dx = torch.ops.srel_fast.bn_stat_loss_backward(x, grad_y, s if grad_y is not None else None, mean, a, bb,
                                                   ctx.groups, ctx.backend)
     gw = gb = None
     if grad_y is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
@@ -92,7 +98,7 @@ def _fused_backward(ctx, grad_y, grad_mean, grad_var):
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
-def fused_batch_norm_stat(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
+def fused_bn_stat(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
                           bias: Optional[Tensor] = None, eps: float = 1e-5, loss_weight=1.0, backend: str = "auto",
                           groups: int = 1) -> tuple[Tensor, Tensor]:
     """(y, loss): y = F.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
@@ -103,9 +109,9 @@ def fused_batch_norm_stat(x: Tensor, running_mean: Tensor, running_var: Tensor, 
     return y, bn_stat_loss_from_moments(mean, var, running_mean, running_var, loss_weight)
 
 
-def fused_batch_norm_moments(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
-                             bias: Optional[Tensor] = None, eps: float = 1e-5, backend: str = "auto",
-                             groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+def fused_bn_moments(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None, eps: float = 1e-5, backend: str = "auto",
+                     groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, var): eval-mode BatchNorm(x) and the per-(group, channel) float32 mean and
     biased variance of x, differentiable w.r.t. x, from one read of x. For losses other
     than the running-statistics distance, built from the moments by the caller (e.g.
@@ -114,10 +120,10 @@ def fused_batch_norm_moments(x: Tensor, running_mean: Tensor, running_var: Tenso
     return _fused_op(x, running_mean, running_var, weight, bias, float(eps), int(groups), backend)
 
 
-def fused_batch_norm_moments_decomposed(x: Tensor, running_mean: Tensor, running_var: Tensor,
-                                        weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                                        eps: float = 1e-5, groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    """``fused_batch_norm_moments`` as plain tensor ops (see fused_batch_norm_stat_decomposed)."""
+def fused_bn_moments_decomposed(x: Tensor, running_mean: Tensor, running_var: Tensor,
+                                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                                eps: float = 1e-5, groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """``fused_bn_moments`` as plain tensor ops (see fused_bn_stat_decomposed)."""
     dims = [d + 1 for d in range(x.dim()) if d != 1]  # over (N within a group, spatial)
     xg = x.float().unflatten(0, (groups, -1))
     var, mean = torch.var_mean(xg, dims, correction=0)
@@ -130,9 +136,9 @@ def fused_batch_norm_moments_decomposed(x: Tensor, running_mean: Tensor, running
     return y, mean, var
 
 
-def fused_batch_norm_stat_decomposed(x: Tensor, running_mean: Tensor, running_var: Tensor,
-                                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
-                                     loss_weight=1.0, groups: int = 1) -> tuple[Tensor, Tensor]:
+def fused_bn_stat_decomposed(x: Tensor, running_mean: Tensor, running_var: Tensor,
+                             weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
+                             loss_weight=1.0, groups: int = 1) -> tuple[Tensor, Tensor]:
     """The same (y, loss) as plain tensor ops, for torch.compile: ``auto`` takes this
     path while compiling. The custom op is opaque to inductor, which then needs a
     pass of its own for the statistics (read x, write y) and one for the ReLU after
@@ -140,15 +146,13 @@ def fused_batch_norm_stat_decomposed(x: Tensor, running_mean: Tensor, running_va
     reduction, eval BN into the following pointwise kernel (ReLU, residual add) and,
     in the backward, the statistics term into the BN and ReLU backward: one read of x
     and one write fewer per BN layer each way. Statistics in float32 as the kernels'."""
-    y, mean, var = fused_batch_norm_moments_decomposed(x, running_mean, running_var, weight, bias, eps, groups)
+    y, mean, var = fused_bn_moments_decomposed(x, running_mean, running_var, weight, bias, eps, groups)
     return y, bn_stat_loss_from_moments(mean, var, running_mean, running_var, loss_weight)
 
 
-def fused_batch_norm_stat_reference(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, loss_weight=1.0,
+def fused_bn_stat_reference(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, loss_weight=1.0,
                                     groups=1):
     """Plain PyTorch: F.batch_norm(training=False) + bn_stat_loss_reference."""
-    from .bn_stat_loss import bn_stat_loss_reference
-
     y = torch.nn.functional.batch_norm(x, running_mean.to(x.dtype), running_var.to(x.dtype),
                                        None if weight is None else weight.to(x.dtype),
                                        None if bias is None else bias.to(x.dtype), training=False, eps=eps)
@@ -163,7 +167,7 @@ def plain_ops_under_compile(x: Tensor) -> bool:
     return x.is_cuda and torch.compiler.is_compiling()
 
 
-class FusedBatchNormStat(nn.Module):
+class FusedBNStat(nn.Module):
     """Eval-mode BatchNorm that also records its weighted BN statistics loss
     (``self.stat_loss`` after each forward). Shares the parameters and buffers
     of ``bn`` under the same names."""
@@ -172,7 +176,7 @@ class FusedBatchNormStat(nn.Module):
                  groups: int = 1):
         super().__init__()
         if bn.running_mean is None or bn.running_var is None:
-            raise ValueError("bn_stat_matching: a BatchNorm layer without running statistics "
+            raise ValueError("fused_bn_matching: a BatchNorm layer without running statistics "
                              "(track_running_stats=False) has nothing to match")
         check_backend(backend)
         self.weight = bn.weight
@@ -190,42 +194,50 @@ class FusedBatchNormStat(nn.Module):
         # Optional loss built from the moments instead of the running-statistics distance:
         # called as moments_loss(layer, mean, var) with the (groups, C) moments of the
         # input; its result becomes stat_loss. groups is then the caller's choice too.
-        self.moments_loss: Optional[Callable[["FusedBatchNormStat", Tensor, Tensor], Tensor]] = None
+        self.moments_loss: Optional[Callable[["FusedBNStat", Tensor, Tensor], Tensor]] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.moments_loss is not None:
-            args = (x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
-            if self.backend == "auto" and plain_ops_under_compile(x):
-                y, mean, var = fused_batch_norm_moments_decomposed(*args, groups=self.groups)
-            else:
-                y, mean, var = fused_batch_norm_moments(*args, backend=self.backend, groups=self.groups)
-            self.stat_loss = self.moments_loss(self, mean, var)
-            return y
         if self.backend == "auto" and plain_ops_under_compile(x):
-            y, loss = fused_batch_norm_stat_decomposed(x, self.running_mean, self.running_var, self.weight,
-                                                       self.bias, self.eps, self.loss_weight, self.groups)
+            y, mean, var = fused_bn_moments_decomposed(x, self.running_mean, self.running_var, self.weight,
+                                                       self.bias, self.eps, self.groups)
+        else:  # the custom op directly: the backend was checked once, in __init__
+            y, mean, var = _fused_op(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                     self.groups, self.backend)
+        if self.moments_loss is not None:
+            self.stat_loss = self.moments_loss(self, mean, var)
         else:
-            y, loss = fused_batch_norm_stat(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                                            self.loss_weight, self.backend, self.groups)
-        self.stat_loss = loss
+            self.stat_loss = bn_stat_loss_from_moments(mean, var, self.running_mean, self.running_var,
+                                                       self.loss_weight)
         return y
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, loss_weight={self.loss_weight}, backend={self.backend!r}"
 
 
-class BNStatMatching:
-    """Handle returned by ``bn_stat_matching``: ``loss()`` is the summed weighted
+class FusedBNMatching:
+    """Handle returned by ``fused_bn_matching``: ``loss()`` is the summed weighted
     BN statistics loss of the last forward; ``layers`` the fused modules in
-    module order."""
+    module order; ``set_groups(g)`` splits the batch into g independent batches
+    (their losses summed)."""
 
-    def __init__(self, layers: list[FusedBatchNormStat]):
+    def __init__(self, layers: list[FusedBNStat]):
         self.layers = layers
+
+    def set_groups(self, groups: int) -> None:
+        for m in self.layers:
+            m.groups = int(groups)
+
+    def set_moments_loss(self, fn) -> None:
+        """Each layer's loss becomes ``fn(layer, mean, var, layer.loss_weight)`` of the (groups, C)
+        moments of its input (e.g. with ``set_groups(N)``: per-image moments); None restores the
+        running-statistics loss."""
+        for m in self.layers:
+            m.moments_loss = None if fn is None else (lambda layer, mean, var: fn(layer, mean, var, layer.loss_weight))
 
     def losses(self) -> list[Tensor]:
         out = [m.stat_loss for m in self.layers if m.stat_loss is not None]
         if not out:
-            raise RuntimeError("bn_stat_matching: no BatchNorm layer has run a forward yet")
+            raise RuntimeError("fused_bn_matching: no BatchNorm layer has run a forward yet")
         return out
 
     def loss(self) -> Tensor:
@@ -243,12 +255,12 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @contextlib.contextmanager
-def bn_stat_matching(model: nn.Module, first_bn_multiplier: float = 10.0, backend: str = "auto",
-                     groups: int = 1, loss_weight: float = 1.0) -> Iterator[BNStatMatching]:
+def fused_bn_matching(model: nn.Module, first_bn_multiplier: float = 10.0, backend: str = "auto",
+                      groups: int = 1, loss_weight: float = 1.0) -> Iterator[FusedBNMatching]:
     """Swap every BatchNorm of ``model`` for a fused eval-mode BN that records
     its statistics loss (first BN in module order weighted loss_weight *
-    first_bn_multiplier, the others loss_weight); restore them on exit."""
-    check_backend(backend)
+    first_bn_multiplier, the others loss_weight); restore them on exit. Each
+    FusedBNStat checks ``backend`` when it is built."""
     swapped = []
     layers = []
     for name, mod in list(model.named_modules()):
@@ -257,19 +269,19 @@ def bn_stat_matching(model: nn.Module, first_bn_multiplier: float = 10.0, backen
         parent = model
         *path, leaf = name.split(".") if name else [""]
         if not name:
-            raise ValueError("bn_stat_matching: the model itself is a BatchNorm; wrap it in a container")
+            raise ValueError("fused_bn_matching: the model itself is a BatchNorm; wrap it in a container")
         for p in path:
             parent = getattr(parent, p)
         w = loss_weight * (first_bn_multiplier if not layers else 1.0)
-        fused = FusedBatchNormStat(mod, w, backend, groups)
+        fused = FusedBNStat(mod, w, backend, groups)
         swapped.append((parent, leaf, mod))
         layers.append(fused)
     if not layers:
-        raise ValueError("bn_stat_matching: the model has no BatchNorm layer")
+        raise ValueError("fused_bn_matching: the model has no BatchNorm layer")
     try:
         for (parent, leaf, _), fused in zip(swapped, layers):
             setattr(parent, leaf, fused)
-        yield BNStatMatching(layers)
+        yield FusedBNMatching(layers)
     finally:
         for parent, leaf, mod in swapped:
             setattr(parent, leaf, mod)

@@ -1,5 +1,5 @@
-// Multi-crop resize: CUDA kernels of srel_fast_ext::multicrop_fwd / multicrop_bwd
-// (schema and CPU kernels in multicrop.cpp; exact sampling definition in
+// Multi-crop resize: CUDA kernels of srel_fast::_ext_multicrop_resize_fwd / _bwd
+// (schema and CPU kernels in multicrop_resize.cpp; exact sampling definition in
 // kernels/multicrop_resize.py). Arithmetic in at::opmath_type (float; double
 // for double), scale h / out_len by round-to-nearest division.
 //
@@ -34,7 +34,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "multicrop_check.h"
+#include "multicrop_resize_check.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -420,17 +420,17 @@ int block_for(int64_t len) {
 
 void multicrop_fwd_cuda(const at::Tensor& x, const at::Tensor& boxes, const std::optional<at::Tensor>& flip,
                         const std::optional<at::Tensor>& shift, at::Tensor out) {
-  check_args(x, out, boxes, flip, shift, "multicrop_fwd");
+  check_args(x, out, boxes, flip, shift, "_ext_multicrop_resize_fwd");
   if (out.numel() == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ho = out.size(2), Wo = out.size(3);
-  TORCH_CHECK(H > 0 && W > 0, "multicrop_fwd: empty input image");
+  TORCH_CHECK(H > 0 && W > 0, "_ext_multicrop_resize_fwd: empty input image");
   const int threads = block_for(Wo);
   const int64_t nJ = cdiv(Wo, threads);
   const int64_t nI = cdiv(Ho, kFwdRows);
   const int64_t blocks = N * nI * nJ;
-  TORCH_CHECK(blocks <= INT32_MAX, "multicrop_fwd: too many output rows");
+  TORCH_CHECK(blocks <= INT32_MAX, "_ext_multicrop_resize_fwd: too many output rows");
   const bool small = image_extent(x) <= INT32_MAX && image_extent(out) <= INT32_MAX;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multicrop_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -452,7 +452,7 @@ void multicrop_fwd_cuda(const at::Tensor& x, const at::Tensor& boxes, const std:
 
 void multicrop_bwd_cuda(const at::Tensor& grad, const at::Tensor& boxes, const std::optional<at::Tensor>& flip,
                         const std::optional<at::Tensor>& shift, at::Tensor grad_x) {
-  check_args(grad_x, grad, boxes, flip, shift, "multicrop_bwd");
+  check_args(grad_x, grad, boxes, flip, shift, "_ext_multicrop_resize_bwd");
   const int64_t total = grad_x.numel();
   if (total == 0) return;
   c10::cuda::CUDAGuard guard(grad.device());
@@ -476,7 +476,7 @@ void multicrop_bwd_cuda(const at::Tensor& grad, const at::Tensor& boxes, const s
     if (tiled) {
       const int64_t nT = cdiv(H, tyr);
       const int64_t blocks = N * nT * C;
-      TORCH_CHECK(blocks <= INT32_MAX, "multicrop_bwd: too many row tiles");
+      TORCH_CHECK(blocks <= INT32_MAX, "_ext_multicrop_resize_bwd: too many row tiles");
       const size_t smem = static_cast<size_t>(bwd_smem_bytes(tyr, Wo, threads, acc_size));
       auto launch = [&](auto idx_tag) {
         using idx_t = decltype(idx_tag);
@@ -504,7 +504,7 @@ void multicrop_bwd_cuda(const at::Tensor& grad, const at::Tensor& boxes, const s
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(srel_fast_ext, CUDA, m) {
-  m.impl("multicrop_fwd", &multicrop_fwd_cuda);
-  m.impl("multicrop_bwd", &multicrop_bwd_cuda);
+TORCH_LIBRARY_IMPL(srel_fast, CUDA, m) {
+  m.impl("_ext_multicrop_resize_fwd", &multicrop_fwd_cuda);
+  m.impl("_ext_multicrop_resize_bwd", &multicrop_bwd_cuda);
 }

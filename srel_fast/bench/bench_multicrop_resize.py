@@ -1,7 +1,7 @@
 """Micro-benchmark of multicrop_resize (pytest-benchmark).
 
-    pytest bench/bench_multicrop_resize.py                        # CPU: small sizes
-    pytest bench/bench_multicrop_resize.py --benchmark-json out.json   # on the GPU machine
+    srel-fast bench kernels -k multicrop_resize                        # CPU: small sizes
+    srel-fast bench kernels -k multicrop_resize --benchmark-json out.json   # on the GPU machine
 
 Providers: every available backend of the op ("ours": cuda / triton on a GPU,
 cpu on the CPU) and "torch" (the per-image F.interpolate reference of the op);
@@ -41,11 +41,11 @@ else:
 def _providers():
     out = ["torch", "torch-shared"]
     if CUDA:
-        if _ext.has_op("multicrop", "cuda"):
+        if _ext.has_op("multicrop_resize", "cuda"):
             out.append("cuda")
         if triton_available():
             out.append("triton")
-    elif _ext.has_op("multicrop", "cpu"):
+    elif _ext.has_op("multicrop_resize", "cpu"):
         out.append("cpu")
     return out
 

@@ -1,10 +1,10 @@
 // Multi-crop resize (per-image crop + bilinear resize + flip + roll): the
-// schema of the srel_fast_ext::multicrop_* ops and their CPU kernels
-// (at::parallel_for / OpenMP). CUDA kernels: multicrop_cuda.cu. Called from
+// schema of the srel_fast::_ext_multicrop_resize_* ops and their CPU kernels
+// (at::parallel_for / OpenMP). CUDA kernels: multicrop_resize_cuda.cu. Called from
 // kernels/multicrop_resize.py, which documents the exact sampling definition:
 //
-//   multicrop_fwd(x, boxes, flip?, shift?, out)    out (N, C, Ho, Wo) preallocated
-//   multicrop_bwd(grad, boxes, flip?, shift?, gx)  gx  (N, C, H, W)  preallocated,
+//   _ext_multicrop_resize_fwd(x, boxes, flip?, shift?, out)    out (N, C, Ho, Wo) preallocated
+//   _ext_multicrop_resize_bwd(grad, boxes, flip?, shift?, gx)  gx  (N, C, H, W)  preallocated,
 //                                                  fully written (0 outside the crop)
 //
 // x / out / grad / gx: any strides (NCHW or channels_last); float32, float16,
@@ -22,7 +22,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "multicrop_check.h"
+#include "multicrop_resize_check.h"
 
 #include <algorithm>
 #include <cmath>
@@ -210,7 +210,7 @@ const int* opt_int_ptr(const std::optional<at::Tensor>& t) { return t.has_value(
 
 void multicrop_fwd_cpu(const at::Tensor& x, const at::Tensor& boxes, const std::optional<at::Tensor>& flip,
                        const std::optional<at::Tensor>& shift, at::Tensor out) {
-  check_args(x, out, boxes, flip, shift, "multicrop_fwd");
+  check_args(x, out, boxes, flip, shift, "_ext_multicrop_resize_fwd");
   if (out.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multicrop_fwd_cpu", [&] {
     fwd_cpu_impl<scalar_t>(x, boxes, opt_int_ptr(flip), opt_int_ptr(shift), out);
@@ -219,7 +219,7 @@ void multicrop_fwd_cpu(const at::Tensor& x, const at::Tensor& boxes, const std::
 
 void multicrop_bwd_cpu(const at::Tensor& grad, const at::Tensor& boxes, const std::optional<at::Tensor>& flip,
                        const std::optional<at::Tensor>& shift, at::Tensor grad_x) {
-  check_args(grad_x, grad, boxes, flip, shift, "multicrop_bwd");
+  check_args(grad_x, grad, boxes, flip, shift, "_ext_multicrop_resize_bwd");
   if (grad_x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "multicrop_bwd_cpu", [&] {
     bwd_cpu_impl<scalar_t>(grad, boxes, opt_int_ptr(flip), opt_int_ptr(shift), grad_x);
@@ -228,12 +228,12 @@ void multicrop_bwd_cpu(const at::Tensor& grad, const at::Tensor& boxes, const st
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(srel_fast_ext, m) {
-  m.def("multicrop_fwd(Tensor x, Tensor boxes, Tensor? flip, Tensor? shift, Tensor(a!) out) -> ()");
-  m.def("multicrop_bwd(Tensor grad, Tensor boxes, Tensor? flip, Tensor? shift, Tensor(a!) grad_x) -> ()");
+TORCH_LIBRARY_FRAGMENT(srel_fast, m) {
+  m.def("_ext_multicrop_resize_fwd(Tensor x, Tensor boxes, Tensor? flip, Tensor? shift, Tensor(a!) out) -> ()");
+  m.def("_ext_multicrop_resize_bwd(Tensor grad, Tensor boxes, Tensor? flip, Tensor? shift, Tensor(a!) grad_x) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(srel_fast_ext, CPU, m) {
-  m.impl("multicrop_fwd", &multicrop_fwd_cpu);
-  m.impl("multicrop_bwd", &multicrop_bwd_cpu);
+TORCH_LIBRARY_IMPL(srel_fast, CPU, m) {
+  m.impl("_ext_multicrop_resize_fwd", &multicrop_fwd_cpu);
+  m.impl("_ext_multicrop_resize_bwd", &multicrop_bwd_cpu);
 }

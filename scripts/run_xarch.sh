@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Cross-architecture + continual runs on Fashion-MNIST, CPU-sized (see README.md here).
-# Usage: bash docs/results/run_xarch.sh WORKDIR [A|B|all]   (default /tmp/srel_res all)
+# Cross-architecture + continual runs on Fashion-MNIST, CPU-sized (docs/results/README.md).
+# Usage, from the repository root: bash scripts/run_xarch.sh [WORKDIR [A|B|all]]   (default runs/res all)
 # A: ConvNet-3 teacher, its students and the continual run; B: BN-ViT and ResNet-18 teachers.
 # Both chains were run side by side, one thread each (OMP_NUM_THREADS=1).
 set -euo pipefail
-W=${1:-/tmp/srel_res}
+W=${1:-runs/res}
 CHAIN=${2:-all}
 export OMP_NUM_THREADS=1
 mkdir -p "$W"
 # Squeeze data: 6,000 train images (600/class), full 10k test split.
-[ -d "$W/fmnist6k" ] || python docs/results/make_subset.py "$W/fmnist6k" 600 0
+[ -d "$W/fmnist6k" ] || python scripts/make_subset.py "$W/fmnist6k" 600 0
 # Student / continual data: the same 6,000 train images, 2,000 test images (200/class).
-[ -d "$W/fmnist6k-test2k" ] || python docs/results/make_subset.py "$W/fmnist6k-test2k" 600 0 200
+[ -d "$W/fmnist6k-test2k" ] || python scripts/make_subset.py "$W/fmnist6k-test2k" 600 0 200
 C="--device cpu --no-progress"
 t() { local s=$(date +%s); "$@"; echo "TIME $(( $(date +%s) - s ))s: $*" >> "$W/times.txt"; }
 sq() { SREL_FAST_FASHION_MNIST="$W/$1" t srel-fast squeeze --data fashion-mnist "${@:2}" $C; }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A longer-trained BN-ViT teacher (10 squeeze epochs instead of 3), same recovery and students.
-# Usage: bash docs/results/run_bnvit10.sh WORKDIR2 WORKDIR   (WORKDIR holds the data subsets of run_xarch.sh)
+# Usage, from the repository root: bash scripts/run_bnvit10.sh [WORKDIR2 [WORKDIR]]   (default runs/res2 runs/res;
+# WORKDIR holds the data subsets of run_xarch.sh)
 set -euo pipefail
-W=${1:-/tmp/srel_res2}
-D=${2:-/tmp/srel_res}
+W=${1:-runs/res2}
+D=${2:-runs/res}
 export OMP_NUM_THREADS=1
 mkdir -p "$W"
 C="--device cpu --no-progress"

@@ -1,10 +1,10 @@
 """Kernel correctness at real sizes and kernel speed against a copy of the same bytes.
 
-    python -m bench.kernel_check --out DIR            # on the GPU: ResNet-50 shapes, batch 100
-    python -m bench.kernel_check --dry-run --out DIR  # same steps, tiny sizes, CPU backends
+    python -m srel_fast.bench.kernel_check --out DIR            # on the GPU: ResNet-50 shapes, batch 100
+    python -m srel_fast.bench.kernel_check --dry-run --out DIR  # same steps, tiny sizes, CPU backends
 
-check: every available backend of bn_stat (moments, fused eval BN + moments, the
-backward pass with and without dy) and of multicrop (forward, backward) against a
+check: every available backend of bn_stat_loss (moments, fused eval BN + moments, the
+backward pass with and without dy) and of multicrop_resize (forward, backward) against a
 float64 reference computed from the same (upcast) inputs, at ResNet-50's BN input
 shapes (100x64x112x112, 100x256x56x56, 100x2048x7x7) in both layouts, fp32 and
 bf16, plus one tensor over 2^31 elements; the error is ||out - ref|| / ||ref||
@@ -30,20 +30,18 @@ import time
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.recover_step import environment  # noqa: E402
-from srel_fast.kernels import _ext  # noqa: E402
-from srel_fast.kernels._backend import triton_available, triton_interpret  # noqa: E402
-from srel_fast.kernels.bn_stat_loss import backward_impl, forward_impl  # noqa: E402
-from srel_fast.kernels.crop_sampler import sample_crop_boxes, sample_flip_shift  # noqa: E402
-from srel_fast.kernels.multicrop_resize import (  # noqa: E402
+from srel_fast.kernels import _ext
+from srel_fast.kernels._backend import triton_available, triton_interpret
+from srel_fast.kernels.bn_stat_loss import backward_impl, forward_impl
+from srel_fast.kernels.crop_sampler import sample_crop_boxes, sample_flip_shift
+from srel_fast.kernels.multicrop_resize import (
     _bwd_impl as multicrop_bwd,
     _fwd_impl as multicrop_fwd,
     _sample_backward,
     multicrop_resize_reference,
 )
+
+from .environment import device_environment
 
 # Norm-wise relative error allowed (METHOD: fp32 arithmetic lands far under 1e-3,
 # bf16 outputs between 1e-3 and 1e-2; statistics accumulate in fp32 for both).
@@ -108,7 +106,7 @@ def check_bn_stat(shape, lay, dtype, device, rows, gen) -> None:
     dxy_r = dx_r + dy.double() * coef(scale)
     del x64
     shift = torch.zeros(c, device=device)
-    for be in backends("bn_stat", device, dtype):
+    for be in backends("bn_stat_loss", device, dtype):
         errs = {}
         poison(x.numel() * x.element_size(), device)
         mean, var, y = forward_impl(x, shift, scale, bias, 1, be, want_y=True)
@@ -128,7 +126,7 @@ def check_bn_stat(shape, lay, dtype, device, rows, gen) -> None:
         errs["dx_dy"] = rel_err(dxy, dxy_r)
         ok &= bool(torch.isfinite(dxy).all()) and errs["dx_dy"][0] < TOL[str(dtype)[6:]]
         del dxy
-        rows.append({"op": "bn_stat", "backend": be, "shape": list(shape), "layout": lay, "dtype": str(dtype)[6:],
+        rows.append({"op": "bn_stat_loss", "backend": be, "shape": list(shape), "layout": lay, "dtype": str(dtype)[6:],
                      "ok": bool(ok), **{f"{k}_rel": v[0] for k, v in errs.items()},
                      **{f"{k}_maxabs": v[1] for k, v in errs.items()}})
 
@@ -151,7 +149,7 @@ def check_bn_stat_big(device, rows, gen) -> None:
     a = torch.full((1, shape[1]), 1e-3, device=device)
     b = torch.full((1, shape[1]), -2e-3, device=device)
     m = mean_r.float().view(1, -1)
-    for be in [b_ for b_ in backends("bn_stat", device) if b_ != "torch"]:
+    for be in [b_ for b_ in backends("bn_stat_loss", device) if b_ != "torch"]:
         mean, var, _ = forward_impl(x, torch.zeros(shape[1], device=device), None, None, 1, be, want_y=False)
         e_mean, e_var = rel_err(mean[0], mean_r), rel_err(var[0], var_r)
         dx = backward_impl(x, None, None, m, a, b, 1, be)
@@ -162,7 +160,7 @@ def check_bn_stat_big(device, rows, gen) -> None:
         ok = e_mean[0] < TOL["stat"] and e_var[0] < TOL["stat"] and e_dx[0] < TOL["bfloat16"]
         ok &= bool(torch.isfinite(dx[-10:]).all())
         del dx
-        rows.append({"op": "bn_stat", "backend": be, "shape": list(shape), "layout": "contiguous",
+        rows.append({"op": "bn_stat_loss", "backend": be, "shape": list(shape), "layout": "contiguous",
                      "dtype": "bfloat16", "ok": bool(ok), "mean_rel": e_mean[0], "var_rel": e_var[0],
                      "dx_tail_rel": e_dx[0], "numel": x.numel()})
     del x
@@ -176,7 +174,7 @@ def check_multicrop(lay, dtype, device, rows, gen, crop) -> None:
     g = layout(torch.randn(n, c, size, size, device=device, generator=gen).to(dtype), lay)
     y_r = multicrop_resize_reference(x.double(), boxes, (size, size), flip, shift)
     gx_r = _sample_backward(g.double(), boxes, (h, w), flip, shift, torch.float64)
-    for be in backends("multicrop", device, dtype):
+    for be in backends("multicrop_resize", device, dtype):
         poison(g.numel() * g.element_size(), device)
         y = multicrop_fwd(x, boxes, size, size, flip, shift, be)
         poison(x.numel() * x.element_size(), device)
@@ -184,7 +182,7 @@ def check_multicrop(lay, dtype, device, rows, gen, crop) -> None:
         e_y, e_g = rel_err(y, y_r), rel_err(gx, gx_r)
         tol = TOL[str(dtype)[6:]]
         ok = bool(torch.isfinite(y).all() and torch.isfinite(gx).all()) and e_y[0] < tol and e_g[0] < tol
-        rows.append({"op": "multicrop", "backend": be, "shape": [n, c, h, w], "out": size, "layout": lay,
+        rows.append({"op": "multicrop_resize", "backend": be, "shape": [n, c, h, w], "out": size, "layout": lay,
                      "dtype": str(dtype)[6:], "ok": bool(ok), "y_rel": e_y[0], "y_maxabs": e_y[1],
                      "gx_rel": e_g[0], "gx_maxabs": e_g[1]})
 
@@ -238,12 +236,12 @@ def time_kernels(device, dry, rows) -> None:
             m, a, b = (torch.randn(1, c, device=device) for _ in range(3))
             sh = torch.zeros(c, device=device)
             nb = x.numel() * x.element_size()
-            for be in backends("bn_stat", device, dtype):
+            for be in backends("bn_stat_loss", device, dtype):
                 add("bn_stat_moments", be, list(shape), lay, nb,
                     lambda: forward_impl(x, sh, None, None, 1, be, want_y=False))
                 add("fused_bn_stat_fwd", be, list(shape), lay, 2 * nb,
                     lambda: forward_impl(x, sh, sc, bi, 1, be, want_y=True))
-                add("bn_stat_bwd", be, list(shape), lay, 2 * nb, lambda: backward_impl(x, None, None, m, a, b, 1, be))
+                add("bn_stat_loss_bwd", be, list(shape), lay, 2 * nb, lambda: backward_impl(x, None, None, m, a, b, 1, be))
                 add("fused_bn_stat_bwd", be, list(shape), lay, 3 * nb,
                     lambda: backward_impl(x, dy, sc, m, a, b, 1, be))
             if device.type == "cuda":  # what eval BN alone costs in cuDNN, for scale
@@ -260,10 +258,10 @@ def time_kernels(device, dry, rows) -> None:
         esz = x.element_size()
         fwd_bytes = int((crop_px * c + g.numel()) * esz)
         bwd_bytes = int((g.numel() + x.numel()) * esz)
-        for be in backends("multicrop", device, dtype):
-            add("multicrop_fwd", be, [n, c, h, w], lay, fwd_bytes,
+        for be in backends("multicrop_resize", device, dtype):
+            add("multicrop_resize_fwd", be, [n, c, h, w], lay, fwd_bytes,
                 lambda: multicrop_fwd(x, boxes, size, size, flip, shift, be))
-            add("multicrop_bwd", be, [n, c, h, w], lay, bwd_bytes,
+            add("multicrop_resize_bwd", be, [n, c, h, w], lay, bwd_bytes,
                 lambda: multicrop_bwd(g, boxes, h, w, flip, shift, lay == "channels_last", be))
 
 
@@ -290,7 +288,7 @@ def main(argv=None) -> int:
     dry = device.type == "cpu"
     os.makedirs(ns.out, exist_ok=True)
     parts = set(ns.parts.split(","))
-    meta = {"environment": environment(device), "command": shlex.join(["python", "-m", "bench.kernel_check", *(argv or sys.argv[1:])]),
+    meta = {"environment": device_environment(device), "command": shlex.join(["python", "-m", "srel_fast.bench.kernel_check", *(argv or sys.argv[1:])]),
             "dry_run": dry}
     status = 0
     if "check" in parts:
@@ -308,7 +306,7 @@ def main(argv=None) -> int:
             try:
                 check_bn_stat_big(device, rows, gen)
             except torch.cuda.OutOfMemoryError as exc:
-                rows.append({"op": "bn_stat", "shape": list(BIG_SHAPE), "ok": False, "error": repr(exc)[:200]})
+                rows.append({"op": "bn_stat_loss", "shape": list(BIG_SHAPE), "ok": False, "error": repr(exc)[:200]})
         with open(os.path.join(ns.out, "kernel_check.json"), "w") as fh:
             json.dump({**meta, "seconds": time.perf_counter() - t, "tolerance": TOL, "rows": rows}, fh, indent=1)
         print(table(rows, ["op", "backend", "shape", "layout", "dtype", "ok", "mean_rel", "var_rel", "y_rel", "dx_rel",
