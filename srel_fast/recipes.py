@@ -56,9 +56,8 @@ class Recipe:
 
 _SREL_SQUEEZE = dict(
     epochs=50, batch_size=256, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4, min_scale=0.08,
-    lr_step="iteration", warmup_epochs=0, warmup_start_factor=0.01, normalization="auto", image_size=224,
-    val_resize="resize-crop",
-)
+    lr_step="iteration", warmup_epochs=0, warmup_start_factor=0.01, normalization="auto",
+)   # image_size and val_resize: inferred from the images (stage_rules; srel_fast.inspect_data)
 _SREL_RECOVER = dict(
     iterations=1000, batch_size=100, first_bn_multiplier=10.0, jitter_range="nonnegative", min_scale=0.08,
     max_scale=1.0, crop_mode="batch", class_layout="round-robin", image_format="png", jpeg_quality=95,
@@ -69,9 +68,9 @@ _SREL_RELABEL = dict(epochs=300, batch_size=100, temperature=20.0, min_scale=0.0
 _SREL_TRAIN = dict(
     epochs=300, batch_size=100, optimizer="adamw", lr=1e-3, weight_decay=0.01, momentum=0.9, temperature=20.0,
     min_scale=0.08, max_scale=1.0, cutmix=0.0, lr_step="iteration", warmup_epochs=0, warmup_start_factor=0.01,
-    decay_bn_bias=True, grad_accumulation=1, kd_t2=False, val_resize="resize-crop", normalization="imagenet",
+    decay_bn_bias=True, grad_accumulation=1, kd_t2=False, normalization="imagenet",
     image_size=224,
-)
+)   # val_resize: by the size of the --val images (stage_rules; srel_fast.inspect_data)
 # The demo's own settings for Fashion-MNIST under srel (tuned there; see README). Under
 # other recipes the demo sets only its budget and the stages take the recipe's values.
 _SREL_DEMO = dict(squeeze_lr=0.05, recover_lr=0.1, r_bn=1.0, crop_mode="image", min_scale=0.5, train_lr=0.01,
@@ -94,7 +93,12 @@ RECIPES: dict[str, Recipe] = {
         values={"squeeze": _SREL_SQUEEZE, "recover": _SREL_RECOVER, "relabel": _SREL_RELABEL,
                 "train": _SREL_TRAIN, "demo": _SREL_DEMO},
         stage_rules={"recover": {"lr": "0.25 at >= 128 px, else 0.1", "r_bn": "0.01 at >= 128 px, else 1.0",
-                                 "jitter": "32 at >= 128 px, else image size // 16"}},
+                                 "jitter": "32 at >= 128 px, else image size // 16"},
+                     # issue 19: from the ImageFolder's images (srel_fast.inspect_data)
+                     "squeeze": {"image_size": "the images' size (one size), else their median shorter side; "
+                                               "at most 224",
+                                 "val_resize": "none for images of one size <= 64 px, else resize-crop"},
+                     "train": {"val_resize": "none for --val images of one size <= 64 px, else resize-crop"}},
     ),
     "sre2l-imagenet": Recipe(
         name="sre2l-imagenet",
