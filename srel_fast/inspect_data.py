@@ -82,6 +82,7 @@ class FolderInfo:
     sizes: list[tuple[int, int]]     # (width, height) of the sampled images
     modes: list[str]
     paths: list[str]                 # the sampled files
+    all_paths: list[str]             # every image file, in ImageFolder order
 
     @property
     def uniform(self) -> bool:
@@ -102,7 +103,8 @@ def inspect_folder(root: str, sample: int = SAMPLE_FILES) -> FolderInfo:
         classes, _, samples = scan_image_folder(root)
     except FileNotFoundError as exc:
         raise UserError(f"{exc}; expected an ImageFolder tree with one folder per class.") from None
-    paths = [p for p, _ in _spread(samples, sample)]
+    all_paths = [p for p, _ in samples]
+    paths = _spread(all_paths, sample)
     sizes, modes = [], []
     for p in paths:
         try:
@@ -111,7 +113,7 @@ def inspect_folder(root: str, sample: int = SAMPLE_FILES) -> FolderInfo:
                 modes.append(im.mode)
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"cannot read image file {p} ({type(exc).__name__}).") from None
-    return FolderInfo(root, len(samples), len(classes), len(paths), sizes, modes, paths)
+    return FolderInfo(root, len(samples), len(classes), len(paths), sizes, modes, paths, all_paths)
 
 
 def infer_image_size(info: FolderInfo) -> tuple[int, str]:
@@ -141,8 +143,8 @@ def imagenet_sized(info: FolderInfo, channels: int) -> bool:
 def infer_val_resize(info: FolderInfo, size: int) -> tuple[str, str]:
     if info.uniform and min(info.sizes[0]) <= RAW_EVAL_MAX and min(info.sizes[0]) == size == max(info.sizes[0]):
         return "none", f"images of one size <= {RAW_EVAL_MAX} px are evaluated as they are"
-    return "resize-crop", (f"resize to {round(size / 0.875)} + centre crop {size} "
-                           f"({'mixed sizes' if not info.uniform else 'images larger than ' + str(RAW_EVAL_MAX) + ' px'})")
+    what = "mixed sizes" if not info.uniform else f"images larger than {RAW_EVAL_MAX} px or not square"
+    return "resize-crop", f"resize to {round(size / 0.875)} + centre crop {size} ({what})"
 
 
 def default_arch(size: int) -> tuple[str, str]:
@@ -170,9 +172,7 @@ def folder_mean_std(info: FolderInfo, channels: int, max_files: int = STATS_FILE
     import numpy as np
     from PIL import Image
 
-    from .loaders import scan_image_folder
-
-    files = _spread([p for p, _ in scan_image_folder(info.root)[2]], max_files)
+    files = _spread(info.all_paths, max_files)
     key = _stats_key(info, channels, files)
     path = os.path.join(info.root, STATS_CACHE)
     if cache and os.path.exists(path):

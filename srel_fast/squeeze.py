@@ -64,8 +64,8 @@ class SqueezeConfig:
     warmup_start_factor: float | None = None
     normalization: str | None = None  # auto | dataset | imagenet | tiny-imagenet
     image_size: int | None = None     # ImageFolder only; None under srel: inferred from the images
-    val_resize: str | None = None     # ImageFolder validation: resize-crop (shorter side size/0.875, centre crop) | none;
-                                      # None under srel: by image size (srel_fast.inspect_data)
+    val_resize: str | None = None     # ImageFolder validation: resize-crop (shorter side size/0.875, centre crop) | none
+                                      # (None under srel: by image size, srel_fast.inspect_data)
     width: int = 128                  # ConvNet width
     seed: int = 0
     device: str = "auto"
@@ -123,7 +123,8 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
         # issue 19: size, channels, mean/std, evaluation transform, arch and batch from the images
         cfg, norm, channels, inferred = _own_data_folder(cfg, world)
         size = cfg.image_size
-        common = dict(image_size=size, batch_size=cfg.batch_size // world, mean=norm.mean, std=norm.std, channels=channels,
+        common = dict(image_size=size, batch_size=cfg.batch_size // world, mean=norm.mean, std=norm.std,
+                      channels=channels,
                       loader=cfg.loader, num_workers=cfg.num_workers, seed=cfg.seed, device=str(device),
                       shard_id=rank, num_shards=world)
         train_dir, val_dir = split_dirs(cfg.data)
@@ -133,9 +134,9 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
         classes = list(train_loader.classes)
         steps_per_epoch = len(train_loader)
     spec = ModelSpec(cfg.arch, len(classes), channels, size, cfg.width)
-    memory = _check_memory(cfg, spec, device, world)   # issue 19: refuse a run that cannot fit, before the first step
     model = build_model(spec).to(device)
     require_batchnorm(model, cfg.arch)
+    memory = _check_memory(cfg, spec, device, world)   # issue 19: refuse a run that cannot fit, before the first step
     if steps_per_epoch == 0:
         raise UserError(f"the training set is smaller than one batch of {cfg.batch_size}; lower --batch-size.")
     net = _dist.wrap_ddp(model, device)   # DDP + global BatchNorm under torchrun; the model itself otherwise

@@ -311,7 +311,8 @@ def make_evaluator(val: str, norm: Normalization, image_size: int, device, loade
 
         val_resize = val_resize_for(val_dir, image_size)
     vl = build_loader(LoaderConfig(root=val_dir, train=False, image_size=image_size, batch_size=250,
-                                   mean=norm.mean, std=norm.std, channels=len(norm.mean), loader=loader, device=str(device),
+                                   mean=norm.mean, std=norm.std, channels=len(norm.mean), loader=loader,
+                                   device=str(device),
                                    shard_id=_dist.rank(), num_shards=_dist.world_size(),
                                    val_resize=val_resize == "resize-crop"))
     return lambda model: evaluate_loader(model, vl, device)
@@ -352,6 +353,7 @@ def run_train(cfg: TrainConfig) -> dict:
     if cfg.overwrite and os.path.exists(os.path.join(cfg.out, "train.resume")) and _dist.is_main():
         os.remove(os.path.join(cfg.out, "train.resume"))
     _dist.barrier()
+    _own_data_memory(cfg, spec, device)   # issue 19: refuse a run that cannot fit, before the first step
     res = train_student(images, labels, spec.num_classes, spec, cfg, evaluate_fn, teacher_model, store,
                         resume_path=os.path.join(cfg.out, "train.resume"))
     model = res.pop("model")
@@ -377,3 +379,10 @@ def _own_data_arch(cfg: TrainConfig, image_size: int) -> TrainConfig:
     arch, why = default_arch(image_size)
     say(f"train: student arch {arch} ({why}).")
     return dataclasses.replace(cfg, arch=arch)
+
+
+def _own_data_memory(cfg: TrainConfig, spec: ModelSpec, device) -> None:
+    from .inspect_data import check_memory
+
+    check_memory(spec, max(1, cfg.batch_size // cfg.grad_accumulation // _dist.world_size()), cfg.optimizer, device,
+                 "train")
