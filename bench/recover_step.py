@@ -43,7 +43,8 @@ if __package__ in (None, ""):  # python bench/recover_step.py
 from srel_fast.bn_matching import ReferenceBNMatching  # noqa: E402
 from srel_fast.data import Normalization  # noqa: E402
 from srel_fast.models import IMAGENET_MEAN_STD, ModelSpec, build_model  # noqa: E402
-from srel_fast.recover import FAST_PATH, RecoverConfig, Recoverer, cosine_lr  # noqa: E402
+from srel_fast.recover import RecoverConfig, Recoverer, cosine_lr  # noqa: E402
+from srel_fast.recover import fast_path as device_fast_path  # noqa: E402
 
 from bench.baselines import DMConfig, DMStep, MTTConfig, MTTStep  # noqa: E402
 
@@ -166,8 +167,8 @@ def environment(device: torch.device) -> dict:
 
 
 def fast_path(device: torch.device) -> dict:
-    """The speed switches srel-fast uses by default on this device type (srel_fast.recover.FAST_PATH)."""
-    return FAST_PATH["cuda" if device.type == "cuda" else "cpu"]
+    """The speed switches srel-fast uses by default on this device (srel_fast.recover.fast_path)."""
+    return device_fast_path(device)
 
 
 def resolve_amp(device: torch.device) -> tuple[torch.dtype | None, str]:

@@ -24,7 +24,7 @@ exit. Works under torch.compile(fullgraph=True).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ._backend import check_backend
 from .bn_stat_loss import _dims, bn_stat_loss_from_moments, forward_impl, moment_coeffs, new_like
 
-__all__ = ["fused_batch_norm_stat", "fused_batch_norm_stat_reference", "fused_batch_norm_stat_decomposed", "FusedBatchNormStat", "BNStatMatching",
+__all__ = ["fused_batch_norm_stat", "fused_batch_norm_moments", "fused_batch_norm_moments_decomposed", "fused_batch_norm_stat_reference", "fused_batch_norm_stat_decomposed", "FusedBatchNormStat", "BNStatMatching",
            "bn_stat_matching"]
 
 
@@ -103,6 +103,33 @@ def fused_batch_norm_stat(x: Tensor, running_mean: Tensor, running_var: Tensor, 
     return y, bn_stat_loss_from_moments(mean, var, running_mean, running_var, loss_weight)
 
 
+def fused_batch_norm_moments(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
+                             bias: Optional[Tensor] = None, eps: float = 1e-5, backend: str = "auto",
+                             groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var): eval-mode BatchNorm(x) and the per-(group, channel) float32 mean and
+    biased variance of x, differentiable w.r.t. x, from one read of x. For losses other
+    than the running-statistics distance, built from the moments by the caller (e.g.
+    ``groups=N``: per-image moments, from which any grouping's moments follow exactly)."""
+    check_backend(backend)
+    return _fused_op(x, running_mean, running_var, weight, bias, float(eps), int(groups), backend)
+
+
+def fused_batch_norm_moments_decomposed(x: Tensor, running_mean: Tensor, running_var: Tensor,
+                                        weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                                        eps: float = 1e-5, groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """``fused_batch_norm_moments`` as plain tensor ops (see fused_batch_norm_stat_decomposed)."""
+    dims = [d + 1 for d in range(x.dim()) if d != 1]  # over (N within a group, spatial)
+    xg = x.float().unflatten(0, (groups, -1))
+    var, mean = torch.var_mean(xg, dims, correction=0)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    s, t = _scale_bias(running_mean, running_var, weight, bias, eps)
+    if (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad):
+        y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    else:  # frozen BN (recovery): one multiply-add, in x's dtype like the kernels' y
+        y = (x.float() * s.view(shape) + t.view(shape)).to(x.dtype)
+    return y, mean, var
+
+
 def fused_batch_norm_stat_decomposed(x: Tensor, running_mean: Tensor, running_var: Tensor,
                                      weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
                                      loss_weight=1.0, groups: int = 1) -> tuple[Tensor, Tensor]:
@@ -113,15 +140,7 @@ def fused_batch_norm_stat_decomposed(x: Tensor, running_mean: Tensor, running_va
     reduction, eval BN into the following pointwise kernel (ReLU, residual add) and,
     in the backward, the statistics term into the BN and ReLU backward: one read of x
     and one write fewer per BN layer each way. Statistics in float32 as the kernels'."""
-    dims = [d + 1 for d in range(x.dim()) if d != 1]  # over (N within a group, spatial)
-    xg = x.float().unflatten(0, (groups, -1))
-    var, mean = torch.var_mean(xg, dims, correction=0)
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    s, t = _scale_bias(running_mean, running_var, weight, bias, eps)
-    if (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad):
-        y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-    else:  # frozen BN (recovery): one multiply-add, in x's dtype like the kernels' y
-        y = (x.float() * s.view(shape) + t.view(shape)).to(x.dtype)
+    y, mean, var = fused_batch_norm_moments_decomposed(x, running_mean, running_var, weight, bias, eps, groups)
     return y, bn_stat_loss_from_moments(mean, var, running_mean, running_var, loss_weight)
 
 
@@ -168,8 +187,20 @@ class FusedBatchNormStat(nn.Module):
         self.backend = backend
         self.groups = int(groups)
         self.stat_loss: Optional[Tensor] = None
+        # Optional loss built from the moments instead of the running-statistics distance:
+        # called as moments_loss(layer, mean, var) with the (groups, C) moments of the
+        # input; its result becomes stat_loss. groups is then the caller's choice too.
+        self.moments_loss: Optional[Callable[["FusedBatchNormStat", Tensor, Tensor], Tensor]] = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.moments_loss is not None:
+            args = (x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+            if self.backend == "auto" and plain_ops_under_compile(x):
+                y, mean, var = fused_batch_norm_moments_decomposed(*args, groups=self.groups)
+            else:
+                y, mean, var = fused_batch_norm_moments(*args, backend=self.backend, groups=self.groups)
+            self.stat_loss = self.moments_loss(self, mean, var)
+            return y
         if self.backend == "auto" and plain_ops_under_compile(x):
             y, loss = fused_batch_norm_stat_decomposed(x, self.running_mean, self.running_var, self.weight,
                                                        self.bias, self.eps, self.loss_weight, self.groups)

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .class_stats import image_moments
 from .models import bn_layers
 
 
@@ -30,6 +31,10 @@ class _ReferenceBNHook:
         x = inputs[0]
         if x.dtype in (torch.float16, torch.bfloat16):  # statistics in fp32 under AMP
             x = x.float()
+        if self.owner.moments_loss is not None:  # class-aware terms from per-image moments
+            mean, var = image_moments(x)
+            self.loss = self.owner.moments_loss(module, mean, var, self.weight)
+            return
         nch = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         loss = 0
@@ -43,13 +48,24 @@ class _ReferenceBNHook:
 class ReferenceBNMatching:
     def __init__(self, model: nn.Module, first_bn_multiplier: float, groups: int = 1):
         self.groups = groups
-        self.hooks = [_ReferenceBNHook(m, self) for m in bn_layers(model)]
+        self.layers = bn_layers(model)
+        self.hooks = [_ReferenceBNHook(m, self) for m in self.layers]
         self.weights = [first_bn_multiplier] + [1.0] * (len(self.hooks) - 1)
+        for h, w in zip(self.hooks, self.weights):
+            h.weight = w
+        self.moments_loss = None
 
     def set_groups(self, groups: int) -> None:
         self.groups = groups
 
+    def set_moments_loss(self, fn) -> None:
+        """Build each layer's term with ``fn(layer, mean, var, weight)`` from the per-image
+        moments of its input (class-aware matching); None restores the paper term."""
+        self.moments_loss = fn
+
     def loss(self) -> torch.Tensor:
+        if self.moments_loss is not None:  # the layers' terms are weighted already
+            return sum(h.loss for h in self.hooks)
         return sum(w * h.loss for w, h in zip(self.weights, self.hooks))
 
     def close(self) -> None:
@@ -61,7 +77,10 @@ class ReferenceBNMatching:
 def bn_matching(model: nn.Module, first_bn_multiplier: float = 10.0, backend: str = "torch") -> Iterator:
     """Context in which ``model``'s forward records the BN statistics term;
     ``.loss()`` of the yielded object returns it for the last forward, summed
-    over the independent batches stacked along N (``set_groups(g)``)."""
+    over the independent batches stacked along N (``set_groups(g)``). With
+    ``set_moments_loss(fn)`` each layer's term is ``fn(layer, mean, var, weight)``
+    of the per-image moments of its input (``set_groups(N)`` for N images on the
+    fused path); ``.layers`` are the BN modules in module order."""
     if backend == "torch":
         ref = ReferenceBNMatching(model, first_bn_multiplier)
         try:
@@ -76,5 +95,11 @@ def bn_matching(model: nn.Module, first_bn_multiplier: float = 10.0, backend: st
                 for layer in stats.layers:
                     layer.groups = groups
 
+            def set_moments_loss(fn) -> None:
+                for layer in stats.layers:
+                    layer.moments_loss = (None if fn is None else
+                                          lambda layer, mean, var: fn(layer, mean, var, layer.loss_weight))
+
             stats.set_groups = set_groups
+            stats.set_moments_loss = set_moments_loss
             yield stats

@@ -29,7 +29,8 @@ HELP = {
     "loader": "ImageFolder loader: auto, dali or torch", "num_workers": "data loader workers",
     "width": "ConvNet width", "epochs": "training epochs",
     # squeeze
-    "data": "a built-in data set name (fashion-mnist, digits) or an ImageFolder directory",
+    "data": "a built-in data set name (fashion-mnist, digits) or an ImageFolder directory (recover: the real "
+            "training images for --init real and --r-class; default: the data the checkpoint was trained on)",
     "min_scale": "RandomResizedCrop minimum area fraction", "max_scale": "RandomResizedCrop maximum area fraction",
     "image_size": "input resolution (squeeze: ImageFolder data, inferred from the images when left out; "
                   "elsewhere: weights that carry none)",
@@ -43,6 +44,13 @@ HELP = {
     "crop_mode": "batch: one crop per batch (paper); image: one crop per image",
     "image_format": "png (lossless) or jpg", "on_nonfinite": "stop, or skip a diverging batch and go on",
     "num_classes": "class count for --arch without a checkpoint",
+    "init": "start images: noise (N(0,1), the paper) or real (a real training image of the class)",
+    "r_class": "weight of the class-aware BN term: each class's statistics matched to its real images' (0: off)",
+    "class_images": "class-aware: images of a class recovered and matched together",
+    "crop_curriculum": "none, or cda: the crops' lower scale bound eases from max to min scale (CDA)",
+    "augment": "built-in data: rrc (RandomResizedCrop + flip) or shift (pad, random crop, flip)",
+    "ema": "evaluate an exponential moving average of the student's weights with this decay (0: off)",
+    "seeds": "comma-separated seeds: one student per seed, mean and std in train_results.json",
     # relabel / train
     "syn": "synthetic image directory (recover --out)", "teacher": "teacher checkpoint for soft labels",
     "teacher_arch": "arch of a plain-state-dict teacher", "labels": "stored soft labels (relabel --out)",

@@ -55,21 +55,34 @@ class Recipe:
 
 
 _SREL_SQUEEZE = dict(
-    epochs=50, batch_size=256, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4, min_scale=0.08,
+    batch_size=256, optimizer="sgd", momentum=0.9, min_scale=0.08,
     lr_step="iteration", warmup_epochs=0, warmup_start_factor=0.01, normalization="auto",
 )   # image_size and val_resize: inferred from the images (stage_rules; srel_fast.inspect_data)
+# srel's teacher for the small in-memory data sets (Fashion-MNIST, digits): the classic
+# small-image recipe (pad-and-crop shifts, a short cosine schedule) trains a better ConvNet
+# teacher there than ImageNet's RandomResizedCrop recipe (docs/results/quality.md).
+SREL_SMALL_DATA_SQUEEZE = dict(epochs=10, lr=0.05, weight_decay=5e-4, augment="shift")
+SREL_DEFAULT_SQUEEZE = dict(epochs=50, lr=0.2, weight_decay=1e-4, augment="rrc")
 _SREL_RECOVER = dict(
-    iterations=1000, batch_size=100, first_bn_multiplier=10.0, jitter_range="nonnegative", min_scale=0.08,
-    max_scale=1.0, crop_mode="batch", class_layout="round-robin", image_format="png", jpeg_quality=95,
-    pixel_rounding="round", normalization="imagenet", image_size=224,
+    batch_size=100, jitter_range="nonnegative", max_scale=1.0, class_layout="round-robin", image_format="png",
+    jpeg_quality=95, pixel_rounding="round", normalization="imagenet", image_size=224, crop_curriculum="none",
+    class_images=10,
 )
+# srel's recovery for small images (< 128 px) whose real training data is known (the
+# checkpoint's data set or --data): start from real images of the class and match each
+# class's own BN statistics instead of the running ones (measured on Fashion-MNIST and
+# digits, docs/results/quality.md). Otherwise SRe2L's objective from noise.
+SREL_SMALL_DATA_RECOVER = dict(init="real", r_class=1.0, r_bn=0.0, first_bn_multiplier=1.0, lr=0.03,
+                               iterations=100, crop_mode="image", min_scale=0.5)
+SREL_DEFAULT_RECOVER = dict(init="noise", r_class=0.0, first_bn_multiplier=10.0, iterations=1000,
+                            crop_mode="batch", min_scale=0.08)
 _SREL_RELABEL = dict(epochs=300, batch_size=100, temperature=20.0, min_scale=0.08, max_scale=1.0, cutmix=0.0,
                      normalization="imagenet", image_size=224)
 _SREL_TRAIN = dict(
     epochs=300, batch_size=100, optimizer="adamw", lr=1e-3, weight_decay=0.01, momentum=0.9, temperature=20.0,
     min_scale=0.08, max_scale=1.0, cutmix=0.0, lr_step="iteration", warmup_epochs=0, warmup_start_factor=0.01,
     decay_bn_bias=True, grad_accumulation=1, kd_t2=False, normalization="imagenet",
-    image_size=224,
+    image_size=224, ema=0.0,
 )   # val_resize: by the size of the --val images (stage_rules; srel_fast.inspect_data)
 # The demo's own settings for Fashion-MNIST under srel (tuned there; see README). Under
 # other recipes the demo sets only its budget and the stages take the recipe's values.
@@ -83,6 +96,7 @@ _SREL_DEMO = dict(squeeze_lr=0.05, recover_lr=0.1, r_bn=1.0, crop_mode="image", 
 _OFFICIAL_RECOVER = dict(
     iterations=4000, batch_size=100, first_bn_multiplier=10.0, min_scale=0.08, max_scale=1.0, crop_mode="batch",
     class_layout="consecutive", image_format="jpg", jpeg_quality=75, pixel_rounding="truncate",
+    init="noise", r_class=0.0, class_images=10, crop_curriculum="none",
 )
 
 RECIPES: dict[str, Recipe] = {
@@ -92,13 +106,19 @@ RECIPES: dict[str, Recipe] = {
                 "cosine; the values srel-fast always had.",
         values={"squeeze": _SREL_SQUEEZE, "recover": _SREL_RECOVER, "relabel": _SREL_RELABEL,
                 "train": _SREL_TRAIN, "demo": _SREL_DEMO},
-        stage_rules={"recover": {"lr": "0.25 at >= 128 px, else 0.1", "r_bn": "0.01 at >= 128 px, else 1.0",
-                                 "jitter": "32 at >= 128 px, else image size // 16"},
-                     # issue 19: from the ImageFolder's images (srel_fast.inspect_data)
-                     "squeeze": {"image_size": "the images' size (one size), else their median shorter side; "
+        stage_rules={"squeeze": {**{k: f"built-in (small, in-memory) data sets: {v}; else {SREL_DEFAULT_SQUEEZE[k]}"
+                                    for k, v in SREL_SMALL_DATA_SQUEEZE.items()},
+                                 # issue 19: from the ImageFolder's images (srel_fast.inspect_data)
+                                 "image_size": "the images' size (one size), else their median shorter side; "
                                                "at most 224",
                                  "val_resize": "none for images of one size <= 64 px, else resize-crop"},
-                     "train": {"val_resize": "none for --val images of one size <= 64 px, else resize-crop"}},
+                     "train": {"val_resize": "none for --val images of one size <= 64 px, else resize-crop"},
+                     "recover": {
+            "lr": "0.25 at >= 128 px; small images with real data: 0.03; else 0.1",
+            "r_bn": "0.01 at >= 128 px; small images with real data: 0; else 1.0",
+            "jitter": "32 at >= 128 px, else image size // 16",
+            **{k: f"small images (< 128 px) with real data: {v}; else {SREL_DEFAULT_RECOVER[k]}"
+               for k, v in SREL_SMALL_DATA_RECOVER.items() if k in SREL_DEFAULT_RECOVER}}},
     ),
     "sre2l-imagenet": Recipe(
         name="sre2l-imagenet",
@@ -114,7 +134,7 @@ RECIPES: dict[str, Recipe] = {
             "train": dict(epochs=300, batch_size=1024, optimizer="adamw", lr=1e-3, weight_decay=0.01, momentum=0.875,
                           temperature=20.0, min_scale=0.08, max_scale=1.0, cutmix=1.0, lr_step="epoch",
                           warmup_epochs=0, warmup_start_factor=0.01, decay_bn_bias=False, grad_accumulation=2,
-                          kd_t2=False, val_resize="resize-crop", normalization="imagenet", image_size=224),
+                          kd_t2=False, val_resize="resize-crop", normalization="imagenet", image_size=224, ema=0.0),
             "demo": {},
         },
         not_covered={"squeeze": "the paper recovers from torchvision's pretrained IMAGENET1K_V1 weights "
@@ -130,7 +150,7 @@ RECIPES: dict[str, Recipe] = {
             # stepped per epoch, weight decay on every parameter, Tiny mean/std, val on the raw 64 px images.
             "squeeze": dict(epochs=50, batch_size=256, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4,
                             min_scale=0.08, lr_step="epoch", warmup_epochs=5, warmup_start_factor=0.01,
-                            normalization="tiny-imagenet", image_size=64, val_resize="none"),
+                            normalization="tiny-imagenet", image_size=64, val_resize="none", augment="rrc"),
             # recover_tiny.py: as ImageNet but 64 px, lr 0.1, r_bn 1, roll by randint(-4, 4).
             "recover": dict(_OFFICIAL_RECOVER, lr=0.1, r_bn=1.0, jitter=4, jitter_range="symmetric",
                             normalization="tiny-imagenet", image_size=64),
@@ -140,7 +160,7 @@ RECIPES: dict[str, Recipe] = {
             "train": dict(epochs=100, batch_size=256, optimizer="sgd", lr=0.2, weight_decay=1e-4, momentum=0.9,
                           temperature=20.0, min_scale=0.08, max_scale=1.0, cutmix=0.0, lr_step="epoch",
                           warmup_epochs=5, warmup_start_factor=0.01, decay_bn_bias=True, grad_accumulation=1,
-                          kd_t2=True, val_resize="none", normalization="tiny-imagenet", image_size=64),
+                          kd_t2=True, val_resize="none", normalization="tiny-imagenet", image_size=64, ema=0.0),
             "demo": {},
         },
         official_arithmetic=True,

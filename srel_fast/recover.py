@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from . import distributed as _dist
 from .augment import JITTER_RANGES, CropParams, apply_crops, draw_crop_params
 from .bn_matching import bn_matching
-from .data import Normalization
+from .data import Normalization, check_data_path, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
 from .files import append_jsonl, environment, read_json, read_jsonl, write_json
 from .images import IMAGE_FORMATS, PIXEL_ROUNDINGS, image_path, save_image
@@ -43,6 +44,8 @@ from .models import MEAN_STD, load_model, require_batchnorm
 from .recipes import apply_recipe, get_recipe, resolve_recipe
 
 CLASS_LAYOUTS = ("consecutive", "round-robin")
+INITS = ("noise", "real")
+CROP_CURRICULA = ("none", "cda")
 
 
 @dataclass
@@ -71,6 +74,12 @@ class RecoverConfig:
     pixel_rounding: str | None = None  # [0,1] -> uint8: round | truncate (the official astype(uint8))
     normalization: str | None = None   # mean/std for weights that carry none (plain state dicts)
     image_size: int | None = None      # input size for weights that carry none (plain state dicts, --arch alone)
+    init: str | None = None            # noise: N(0, 1) (paper) | real: a real training image of the class
+    r_class: float | None = None       # weight of the class-aware BN term (0: off; needs the class statistics)
+    class_images: int | None = None    # class-aware: images of a class recovered and matched together
+    crop_curriculum: str | None = None  # none | cda: the crops' lower scale bound eases from max_scale to min_scale
+    data: str | None = None            # real training data for --init real and the class statistics
+                                       # (default: the data set the --weights checkpoint was trained on)
     # The fast path: speed switches; each can be turned off on its own to measure what it brings.
     # None: the device's fast path (FAST_PATH, resolve_speed).
     backend: str | None = None         # torch (the original code's hooks) | auto | triton | cuda | cpu
@@ -91,40 +100,62 @@ class RecoverConfig:
     RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
         "iterations", "batch_size", "lr", "r_bn", "first_bn_multiplier", "jitter", "jitter_range", "min_scale",
         "max_scale", "crop_mode", "class_layout", "image_format", "jpeg_quality", "pixel_rounding",
-        "normalization", "image_size")
+        "normalization", "image_size", "init", "r_class", "class_images", "crop_curriculum")
     SPEED_SWITCHES: ClassVar[tuple[str, ...]] = (
         "backend", "amp", "channels_last", "compile", "cuda_graphs", "group_batches", "check_every")
 
-    def resolved(self, image_size: int) -> "RecoverConfig":
-        """Every value filled: the recipe's, then the resolution rules for what it leaves open."""
+    def resolved(self, image_size: int, real_data: bool = False) -> "RecoverConfig":
+        """Every value filled: the recipe's, then the resolution rules for what it leaves open
+        (by image size, and whether the real training data is known: ``real_data``)."""
+        from .recipes import SREL_DEFAULT_RECOVER, SREL_SMALL_DATA_RECOVER
+
         cfg = apply_recipe(self, "recover")
         big = image_size >= 128
+        rules = dict(SREL_DEFAULT_RECOVER, lr=0.25 if big else 0.1, r_bn=0.01 if big else 1.0)
+        if not big and real_data:
+            rules = dict(SREL_SMALL_DATA_RECOVER)
+        rules["jitter"] = 32 if big else image_size // 16
         return dataclasses.replace(
-            cfg,
-            ipc_end=cfg.ipc if cfg.ipc_end is None else cfg.ipc_end,
-            lr=cfg.lr if cfg.lr is not None else (0.25 if big else 0.1),
-            r_bn=cfg.r_bn if cfg.r_bn is not None else (0.01 if big else 1.0),
-            jitter=cfg.jitter if cfg.jitter is not None else (32 if big else image_size // 16),
-        )
+            cfg, ipc_end=cfg.ipc if cfg.ipc_end is None else cfg.ipc_end,
+            **{k: v for k, v in rules.items() if getattr(cfg, k) is None})
 
 
 # The speed switches a device gets when none is given (each given flag overrides its own),
 # chosen by measurement, side by side (bench recover-step, ResNet-18 at 224):
 # - CUDA (H200, bench/results/h200_run2): fused statistics, bf16, channels_last, compile and
 #   CUDA graphs: 3.4x faster than the official loop, 1.15x the compiled floor.
-# - CPU (2 cores, bench/results/recover_step_resnet18-224_cpu.md): the C++ kernels in eager
-#   mode and fp32; compiling made the step slower there, and fp32 keeps a run's images the
-#   same on every CPU (bf16 autocast's speed depends on the CPU's instructions).
+# - CPU (2-core EPYC with AVX512-BF16, bench/results/cpu_run1): the C++ kernels in eager mode;
+#   bf16 autocast and channels_last where the CPU has native bf16 arithmetic (fp32 and the
+#   default layout otherwise, where bf16 is emulated and slower); compiling made the step
+#   slower there (58.4 vs 54.6 ms per image-iteration in fp32).
 FAST_PATH = {
     "cuda": {"backend": "auto", "amp": "bf16", "channels_last": True, "compile": True, "cuda_graphs": True},
     "cpu": {"backend": "auto", "amp": "none", "channels_last": False, "compile": False, "cuda_graphs": False},
+    "cpu-bf16": {"backend": "auto", "amp": "bf16", "channels_last": True, "compile": False, "cuda_graphs": False},
 }
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def fast_path(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return dict(FAST_PATH["cuda"])
+    return dict(FAST_PATH["cpu-bf16" if cpu_has_native_bf16() else "cpu"])
 
 
 def resolve_speed(cfg: "RecoverConfig", device: torch.device) -> "RecoverConfig":
     """Fill the speed switches left at None with the device's fast path. Under a paper recipe
     the arithmetic stays the official fp32 unless --amp is given."""
-    fast = dict(FAST_PATH["cuda" if device.type == "cuda" else "cpu"])
+    fast = fast_path(device)
     if get_recipe(cfg.recipe).official_arithmetic:
         fast["amp"] = "none"
     return dataclasses.replace(cfg, **{k: v for k, v in fast.items() if getattr(cfg, k) is None})
@@ -147,6 +178,7 @@ class BatchResult:
     status: str = "ok"
     iterations_done: int = 0
     images: torch.Tensor | None = field(default=None, repr=False)
+    class_term: float = 0.0
 
 
 def validate(cfg: RecoverConfig) -> None:
@@ -185,6 +217,18 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"--group-batches must be positive, got {cfg.group_batches}.")
     if cfg.check_every <= 0:
         raise UserError(f"--check-every must be positive, got {cfg.check_every}.")
+    if cfg.init not in INITS:
+        raise UserError(f"--init must be {' or '.join(INITS)}, got {cfg.init!r}.")
+    if cfg.crop_curriculum not in CROP_CURRICULA:
+        raise UserError(f"--crop-curriculum must be {' or '.join(CROP_CURRICULA)}, got {cfg.crop_curriculum!r}.")
+    if cfg.r_class < 0:
+        raise UserError(f"--r-class must be >= 0, got {cfg.r_class}.")
+    if cfg.class_images <= 0:
+        raise UserError(f"--class-images must be positive, got {cfg.class_images}.")
+    k = cfg.class_images
+    if cfg.r_class > 0 and (cfg.ipc_start % k or (end % k and end != cfg.ipc)):
+        raise UserError(f"class-aware matching (--r-class > 0) recovers --class-images {k} images of a class "
+                        f"together; --ipc-start/--ipc-end must fall on multiples of {k}, got {cfg.ipc_start}..{end}.")
 
 
 def class_batches(num_classes: int, batch_size: int, layout: str = "round-robin") -> list[list[int]]:
@@ -217,25 +261,65 @@ def resolve_device(name: str) -> torch.device:
     return _dist.resolve_device(name)
 
 
-class Recoverer:
-    """Holds the frozen model and runs recovery batches.
+class RealImages:
+    """The real training images a recovery starts from (``--init real``): image k of class c
+    is entry k of a permutation of class c's images seeded by (seed, c), so a batch's start
+    is a pure function of the config, whatever the order, sharding or resumption."""
 
-    It takes the model over: moves it to the device, freezes its parameters and,
-    with ``channels_last``, converts its layout (pass a copy to keep the original).
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int):
+        self.images, self.seed = images, seed
+        self.by_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+        empty = [c for c, idx in enumerate(self.by_class) if idx.numel() == 0]
+        if empty:
+            raise UserError(f"--init real: the real data has no images of classes {empty}.")
+
+    def index(self, class_index: int, ipc_index: int) -> int:
+        idx = self.by_class[class_index]
+        g = torch.Generator().manual_seed(job_seed(self.seed, -1, class_index))
+        return int(idx[torch.randperm(idx.numel(), generator=g)[ipc_index % idx.numel()]])
+
+    def pick(self, classes: list[int], ipc_index: int) -> torch.Tensor:
+        return self.images[[self.index(c, ipc_index) for c in classes]]
+
+
+class Recoverer:
+    """Holds the frozen model(s) and runs recovery batches.
+
+    It takes the models over: moves them to the device, freezes their parameters and,
+    with ``channels_last``, converts their layout (pass copies to keep the originals).
+    With several models (teachers) the CE is their mean and the BN terms their sum.
+
+    ``real`` (a RealImages of normalised images) is the start for ``init="real"``;
+    ``class_stats`` (one per model, srel_fast.class_stats) the targets of the
+    class-aware term (``r_class > 0``).
 
     Use as a context manager: on entry the BN statistics term is attached to
-    the model (hooks, or fused BN modules) and the loss is compiled once for
-    all batches; on exit the model is restored."""
+    the models (hooks, or fused BN modules) and the loss is compiled once for
+    all batches; on exit the models are restored."""
 
-    def __init__(self, model: torch.nn.Module, norm: Normalization, image_size: int, channels: int,
-                 cfg: RecoverConfig, device: torch.device):
+    def __init__(self, model, norm: Normalization, image_size: int, channels: int,
+                 cfg: RecoverConfig, device: torch.device, real: RealImages | None = None,
+                 class_stats: list | None = None):
         # idempotent: a resolved config comes back unchanged
-        cfg = resolve_speed(cfg.resolved(image_size), device)
-        self.model = model.to(device).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)  # no weight gradient is ever computed
-        if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        cfg = resolve_speed(cfg.resolved(image_size, real_data=real is not None), device)
+        self.models = []
+        for m in (model if isinstance(model, (list, tuple)) else [model]):
+            m = m.to(device).eval()
+            for p in m.parameters():
+                p.requires_grad_(False)  # no weight gradient is ever computed
+            if cfg.channels_last:
+                m = m.to(memory_format=torch.channels_last)
+            self.models.append(m)
+        self.model = self.models[0]
+        if cfg.init == "real" and real is None:
+            raise UserError("--init real needs real training images (--data, or weights from srel-fast squeeze).")
+        if cfg.r_class > 0 and (class_stats is None or len(class_stats) != len(self.models)):
+            raise UserError("--r-class needs the per-class BN statistics of every model (--data, or weights "
+                            "from srel-fast squeeze).")
+        self.real = real
+        self.class_stats = class_stats
+        self.num_classes = int(class_stats[0][0][0].shape[0]) if class_stats else None
+        self.class_aware = cfg.r_class > 0
         self.norm = norm
         self.size = image_size
         self.channels = channels
@@ -272,7 +356,16 @@ class Recoverer:
         return True
 
     def __enter__(self) -> "Recoverer":
-        self.stats = self._stack.enter_context(bn_matching(self.model, self.cfg.first_bn_multiplier, self.cfg.backend))
+        self.stats = [self._stack.enter_context(bn_matching(m, self.cfg.first_bn_multiplier, self.cfg.backend))
+                      for m in self.models]
+        self.terms = []
+        if self.class_aware:
+            from .class_stats import ClassAwareTerms
+
+            for stats, cs in zip(self.stats, self.class_stats):
+                terms = ClassAwareTerms(cs, stats.layers, self.num_classes).to(self.device)
+                stats.set_moments_loss(terms)
+                self.terms.append(terms)
         self.loss_fn = self._loss
         if self.cfg.compile:
             mode = "reduce-overhead" if self.cuda_graphs else "default"
@@ -289,20 +382,31 @@ class Recoverer:
         if cfg.channels_last:
             x_aug = x_aug.contiguous(memory_format=torch.channels_last)
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = self.model(x_aug)
-        if self.group_size:
-            # Stacked independent batches: the sum of their objectives (mean CE per batch).
-            ce = F.cross_entropy(logits.float(), targets, reduction="sum") / self.group_size
-        else:
-            ce = F.cross_entropy(logits.float(), targets)
-        bn = self.stats.loss()
+        ce = bn = 0
+        for model, stats in zip(self.models, self.stats):
+            with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(x_aug)
+            if self.group_size:
+                # Stacked independent batches: the sum of their objectives (mean CE per batch).
+                ce = ce + F.cross_entropy(logits.float(), targets, reduction="sum") / self.group_size
+            else:
+                ce = ce + F.cross_entropy(logits.float(), targets)
+            bn = bn + stats.loss()
+        ce = ce / len(self.models)
+        if self.class_aware:  # bn is the stacked (paper term, class term)
+            return ce + cfg.r_bn * bn[0] + cfg.r_class * bn[1], ce, bn
         return ce + cfg.r_bn * bn, ce, bn
 
     def initial_images(self, n: int, seed: int) -> torch.Tensor:
         # Drawn on the CPU so the start point does not depend on the device.
         g = torch.Generator().manual_seed(seed)
         return torch.randn((n, self.channels, self.size, self.size), generator=g).to(self.device)
+
+    def start_images(self, jobs: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """The seeded start of each job (classes, ipc index, batch index), stacked."""
+        if self.cfg.init == "real":
+            return torch.cat([self.real.pick(classes, i) for classes, i, _ in jobs]).to(self.device)
+        return torch.cat([self.initial_images(len(classes), job_seed(self.cfg.seed, i, b)) for classes, i, b in jobs])
 
     def optimizer(self, x: torch.Tensor) -> torch.optim.Adam:
         """The original code's Adam(betas 0.5, 0.9) on the images. On CUDA the fused
@@ -311,7 +415,8 @@ class Recoverer:
         return torch.optim.Adam([x], lr=self.cfg.lr, betas=(0.5, 0.9), eps=1e-8, fused=x.device.type == "cuda")
 
     def batch_images(self, n: int, seed) -> torch.Tensor:
-        """The images being optimised, reset to their seeded start. One buffer per
+        """The images being optimised, reset to their seeded start (noise from ``seed``, one
+        seed or one per stacked batch, or the given start tensor). One buffer per
         batch shape is reused across batches, so a CUDA-graph capture of the step
         sees the same input address every time (no copy per replay)."""
         key = n
@@ -322,17 +427,30 @@ class Recoverer:
                 torch._dynamo.mark_static_address(buf)
             self._buffers[key] = buf.requires_grad_(True)
         x = self._buffers[key]
-        seeds = seed if isinstance(seed, (list, tuple)) else [seed]
         with torch.no_grad():
-            x.copy_(torch.cat([self.initial_images(n // len(seeds), s) for s in seeds]))
+            if isinstance(seed, torch.Tensor):
+                x.copy_(seed)
+            else:
+                seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+                x.copy_(torch.cat([self.initial_images(n // len(seeds), s) for s in seeds]))
         x.grad = None
         return x
 
-    def _crop_params(self, n: int, generators: list[torch.Generator]) -> CropParams:
+    def min_scale_at(self, it: int) -> float:
+        """The crops' lower scale bound at iteration ``it``: min_scale, or under the CDA
+        curriculum (Yin & Shen 2023) easing from max_scale (whole images: easy) down to
+        min_scale (small crops: hard) along a half cosine over the iterations."""
+        cfg = self.cfg
+        if cfg.crop_curriculum != "cda":
+            return cfg.min_scale
+        frac = it / max(1, cfg.iterations - 1)
+        return cfg.max_scale - (cfg.max_scale - cfg.min_scale) * 0.5 * (1 - math.cos(math.pi * frac))
+
+    def _crop_params(self, n: int, generators: list[torch.Generator], it: int = 0) -> CropParams:
         cfg = self.cfg
         per = n // len(generators)
         ps = [draw_crop_params(per, self.size, self.size, g, per_image=self.per_image,
-                               scale=(cfg.min_scale, cfg.max_scale), jitter=cfg.jitter,
+                               scale=(self.min_scale_at(it), cfg.max_scale), jitter=cfg.jitter,
                                jitter_range=cfg.jitter_range) for g in generators]
         if len(ps) == 1:
             return ps[0]
@@ -348,7 +466,7 @@ class Recoverer:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(cfg.lr, it, cfg.iterations)
         gens = generators if isinstance(generators, (list, tuple)) else [generators]
-        p = self._crop_params(x.shape[0], gens)
+        p = self._crop_params(x.shape[0], gens, it)
         if self.cuda_graphs:
             # a new iteration: the graphs may reuse the memory of the last one's outputs
             torch.compiler.cudagraph_mark_step_begin()
@@ -377,12 +495,17 @@ class Recoverer:
         cfg = self.cfg
         g, per = len(jobs), len(jobs[0][0])
         seeds = [job_seed(cfg.seed, i, b) for _, i, b in jobs]
-        x = self.batch_images(g * per, seeds)
+        x = self.batch_images(g * per, self.start_images(jobs))
         targets = torch.tensor([c for classes, _, _ in jobs for c in classes], device=self.device)
         gens = [torch.Generator(device=self.device).manual_seed(s + 1) for s in seeds]
         opt = self.optimizer(x)
         self.group_size = per if g > 1 else 0
-        self.stats.set_groups(g)
+        for stats in self.stats:
+            # class-aware: per-image moments, composed into batches and classes by the terms
+            stats.set_groups(g * per if self.class_aware else g)
+        batch_index = torch.arange(g * per, device=self.device) // per
+        for terms in self.terms:
+            terms.set_batch(batch_index, targets)
         start = time.perf_counter()
         last_good, checked_at = x.detach().clone(), 0
         try:
@@ -394,21 +517,26 @@ class Recoverer:
                     # the images of the last good check are kept.
                     loss_v = loss.item()
                     if not (math.isfinite(loss_v) and bool(torch.isfinite(x).all())):
-                        if g > 1:
+                        if g > 1 and not self.class_aware:  # class-aware batches only exist together
                             return [self.run_group([job], on_iteration)[0] for job in jobs]
-                        return [BatchResult(jobs[0][1], jobs[0][2], jobs[0][0], ce.item(), bn.item(), loss_v,
-                                            time.perf_counter() - start, "nonfinite", checked_at, last_good)]
+                        return [BatchResult(i, b, classes, ce.item(), float(bn.detach().sum()), loss_v,
+                                            time.perf_counter() - start, "nonfinite", checked_at,
+                                            last_good[k * per:(k + 1) * per])
+                                for k, (classes, i, b) in enumerate(jobs)]
                     last_good, checked_at = x.detach().clone(), it + 1
                     if on_iteration is not None:
                         on_iteration(it, loss_v)
         finally:
             self.group_size = 0
-            self.stats.set_groups(1)
+            for stats in self.stats:
+                stats.set_groups(1)
         seconds = time.perf_counter() - start
         # With several batches the final losses are those of the whole group, divided
         # evenly (the BN term is not split per batch by the kernels).
-        return [BatchResult(i, b, classes, ce.item() / g, bn.item() / g, loss_v / g, seconds / g, "ok",
-                            cfg.iterations, last_good[k * per:(k + 1) * per])
+        cls = float(bn[1].detach()) / g if self.class_aware else 0.0
+        bn_v = float((bn[0] if self.class_aware else bn).detach())
+        return [BatchResult(i, b, classes, ce.item() / g, bn_v / g, loss_v / g, seconds / g, "ok",
+                            cfg.iterations, last_good[k * per:(k + 1) * per], class_term=cls)
                 for k, (classes, i, b) in enumerate(jobs)]
 
 
@@ -446,14 +574,83 @@ def _rank_world() -> tuple[int, int]:
     return _dist.rank(), _dist.world_size()
 
 
+def load_teachers(cfg: RecoverConfig) -> list:
+    """The recovery model(s): ``--weights a.pt,b.pt`` gives several teachers, which must
+    agree on classes, input size, channels and normalisation."""
+    names = [w for w in (cfg.weights or "").split(",") if w] or [cfg.weights]
+    loaded = [load_model(w, cfg.arch, num_classes=cfg.num_classes, image_size=cfg.image_size,
+                         normalization=cfg.normalization) for w in names]
+    for lm in loaded:
+        require_batchnorm(lm.model, lm.spec.arch)
+        first = loaded[0]
+        if ((lm.spec.num_classes, lm.spec.image_size, lm.spec.in_channels, lm.mean, lm.std)
+                != (first.spec.num_classes, first.spec.image_size, first.spec.in_channels, first.mean, first.std)):
+            raise UserError(f"the teachers {names[0]} and {lm.meta.get('source', 'another')} differ in classes, "
+                            "input size, channels or normalisation; several teachers must agree on them.")
+    return loaded
+
+
+def real_training_data(cfg: RecoverConfig, loaded) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The real training images (uint8) and labels for --init real and the class statistics:
+    --data, else the data set the checkpoint was trained on (with its split seed)."""
+    source = cfg.data or loaded.meta.get("dataset")
+    if source is None:
+        return None
+    check_data_path(source)
+    if is_builtin(source):
+        seed = (loaded.meta.get("config") or {}).get("seed", 0)
+        data = load_builtin(source, "train", seed)
+        return data.images, data.labels
+    from .images import load_tree
+
+    root = os.path.join(source, "train") if os.path.isdir(os.path.join(source, "train")) else source
+    images, labels, _ = load_tree(root, channels=loaded.spec.in_channels)
+    if images.shape[-1] != loaded.spec.image_size or images.shape[-2] != loaded.spec.image_size:
+        raise UserError(f"the real images in {root} are {images.shape[-2]}x{images.shape[-1]}, the model takes "
+                        f"{loaded.spec.image_size}x{loaded.spec.image_size}; use --init noise and --r-class 0.")
+    return (images * 255).round().to(torch.uint8) if images.is_floating_point() else images, labels
+
+
+def class_statistics_for(lm, cfg: RecoverConfig, real, norm: Normalization, device) -> list:
+    """A teacher's per-class BN statistics: those squeeze stored in its checkpoint (for
+    the data it was trained on), else collected now from the real data."""
+    from .class_stats import class_stats_from_state, collect_class_statistics
+
+    if lm.meta.get("class_bn_stats") is not None and cfg.data in (None, lm.meta.get("dataset")):
+        return class_stats_from_state(lm.meta["class_bn_stats"])
+    if real is None:
+        raise UserError("--r-class needs the real training data: pass --data (a built-in name or an ImageFolder).")
+    model = lm.model.to(device)
+    return collect_class_statistics(model, norm.normalize(real[0].to(device)), real[1].to(device),
+                                    lm.spec.num_classes)
+
+
+def _record_rules(record: dict, given: RecoverConfig, resolved: RecoverConfig, image_size: int,
+                  real_known: bool) -> None:
+    """Add what the recipe's rules (by image size and known real data) chose to the recipe
+    record: under "from_recipe" the values they filled, under "overrides" the explicit values
+    that differ from the rule's."""
+    open_fields = {f: None for f in RecoverConfig.RECIPE_FIELDS if f not in record["from_recipe"]}
+    by_rule = dataclasses.replace(given, **open_fields).resolved(image_size, real_data=real_known)
+    for f in open_fields:
+        if getattr(given, f) is None:
+            record["from_recipe"][f] = getattr(resolved, f)
+        elif getattr(given, f) != getattr(by_rule, f) and f not in record["overrides"]:
+            record["overrides"][f] = {"value": getattr(given, f), "recipe": getattr(by_rule, f)}
+    record["from_recipe"] = dict(sorted(record["from_recipe"].items()))
+    record["overrides"] = dict(sorted(record["overrides"].items()))
+
+
 def run_recover(cfg: RecoverConfig) -> dict:
     cfg, recipe_record = resolve_recipe(cfg, "recover")
-    validate(cfg)
-    loaded = load_model(cfg.weights, cfg.arch, num_classes=cfg.num_classes, image_size=cfg.image_size,
-                        normalization=cfg.normalization)
-    require_batchnorm(loaded.model, loaded.spec.arch)
+    teachers = load_teachers(cfg)
+    loaded = teachers[0]
     spec = loaded.spec
-    cfg = cfg.resolved(spec.image_size)
+    real_known = (cfg.data or loaded.meta.get("dataset")) is not None
+    given = cfg
+    cfg = cfg.resolved(spec.image_size, real_data=real_known)
+    _record_rules(recipe_record, given, cfg, spec.image_size, real_known)
+    validate(cfg)
     from srel_fast.kernels import BACKENDS
 
     if cfg.backend is not None and cfg.backend not in BACKENDS:
@@ -477,7 +674,13 @@ def run_recover(cfg: RecoverConfig) -> dict:
     # Every rank checks (or writes) the config before writing anything, so whichever
     # rank comes first creates the tree and the others find an identical config.
     prepare_output(cfg, record)
-    recoverer = Recoverer(loaded.model, norm, spec.image_size, spec.in_channels, cfg, device)
+    real = real_training_data(cfg, loaded) if (cfg.init == "real" or cfg.r_class > 0) else None
+    class_stats = ([class_statistics_for(lm, cfg, real, norm, device) for lm in teachers]
+                   if cfg.r_class > 0 else None)
+    pool = (RealImages(norm.normalize(real[0]), real[1], spec.num_classes, cfg.seed)
+            if cfg.init == "real" and real is not None else None)
+    recoverer = Recoverer([lm.model for lm in teachers], norm, spec.image_size, spec.in_channels, cfg, device,
+                          real=pool, class_stats=class_stats)
     with recoverer:
         return _run_jobs(cfg, record, recoverer, norm, spec, rank, world)
 
@@ -488,8 +691,14 @@ def _run_jobs(cfg: RecoverConfig, record: dict, recoverer: Recoverer, norm: Norm
     jobs = [(i, b) for i in range(cfg.ipc_start, cfg.ipc_end) for b in range(len(batches))]
     # Launches: up to group_batches consecutive jobs of equal size stacked together. The
     # grouping depends only on the config and the ipc range, so a resumed or sharded run
-    # stacks (and rounds) every batch exactly as an uninterrupted one.
+    # stacks (and rounds) every batch exactly as an uninterrupted one. Class-aware
+    # matching recovers every ipc image of a batch's classes together (one launch each).
     launches: list[list[tuple[int, int]]] = []
+    if cfg.r_class > 0:
+        k = cfg.class_images
+        launches = [[(i, b) for i in range(s, min(s + k, cfg.ipc_end))]
+                    for s in range(cfg.ipc_start, cfg.ipc_end, k) for b in range(len(batches))]
+        jobs = []
     for i, b in jobs:
         last = launches[-1] if launches else None
         if last and len(last) < cfg.group_batches and len(batches[last[0][1]]) == len(batches[b]):

@@ -32,17 +32,20 @@ import torch.nn.functional as F
 
 from . import distributed as _dist
 from .augment import CropParams, apply_crops, draw_crop_params
+from .class_stats import class_stats_to_state, collect_class_statistics
 from .data import Normalization, check_data_path, dataset_normalization, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
 from .files import environment, write_json
 from .models import MEAN_STD, ModelSpec, build_model, require_batchnorm, save_checkpoint
-from .recipes import resolve_recipe
+from .recipes import SREL_DEFAULT_SQUEEZE, SREL_SMALL_DATA_SQUEEZE, resolve_recipe
 from .inspect_data import check_memory, choose_for_folder, default_arch, fit_batch_size, peak_rss_bytes, say, split_dirs
 from .training import (LR_STEPS, evaluate, evaluate_loader, load_resume_state, make_optimizer, make_schedule,
                        save_resume_state, seed_everything)
 
 NORMALIZATIONS = ("auto", "dataset", *MEAN_STD)   # auto: the data set's own; imagenet for ImageNet-sized folders
 VAL_RESIZES = ("resize-crop", "none")
+AUGMENTS = ("rrc", "shift")
+SMALL_DATA_MIN_STEPS = 2000
 
 
 @dataclass
@@ -59,6 +62,7 @@ class SqueezeConfig:
     weight_decay: float | None = None
     optimizer: str | None = None
     min_scale: float | None = None    # RandomResizedCrop scale range
+    augment: str | None = None        # built-in data: rrc (RandomResizedCrop + flip) | shift (pad, random crop, flip)
     lr_step: str | None = None        # iteration | epoch: when the schedule advances
     warmup_epochs: int | None = None  # linear warm-up before the cosine
     warmup_start_factor: float | None = None
@@ -76,12 +80,12 @@ class SqueezeConfig:
 
     RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
         "epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "min_scale", "lr_step",
-        "warmup_epochs", "warmup_start_factor", "normalization", "image_size", "val_resize")
+        "warmup_epochs", "warmup_start_factor", "normalization", "image_size", "val_resize", "augment")
 
 
 def validate(cfg: SqueezeConfig) -> None:
     check_data_path(cfg.data)
-    if cfg.epochs <= 0:
+    if cfg.epochs is not None and cfg.epochs <= 0:
         raise UserError(f"--epochs must be positive, got {cfg.epochs}.")
     if cfg.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {cfg.batch_size}.")
@@ -97,11 +101,17 @@ def validate(cfg: SqueezeConfig) -> None:
         raise UserError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {cfg.normalization!r}.")
     if cfg.val_resize is not None and cfg.val_resize not in VAL_RESIZES:
         raise UserError(f"--val-resize must be {' or '.join(VAL_RESIZES)}, got {cfg.val_resize!r}.")
+    if cfg.augment not in AUGMENTS:
+        raise UserError(f"--augment must be {' or '.join(AUGMENTS)}, got {cfg.augment!r}.")
 
 
 @_dist.stage
 def run_squeeze(cfg: SqueezeConfig) -> dict:
     cfg, recipe_record = resolve_recipe(cfg, "squeeze")
+    rules = SREL_SMALL_DATA_SQUEEZE if is_builtin(cfg.data) else SREL_DEFAULT_SQUEEZE
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in rules.items() if getattr(cfg, k) is None and k != "epochs"})
+    if cfg.epochs is None and not is_builtin(cfg.data):
+        cfg = dataclasses.replace(cfg, epochs=rules["epochs"])
     validate(cfg)
     seed_everything(cfg.seed)
     device = _dist.resolve_device(cfg.device)
@@ -139,6 +149,10 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
     memory = _check_memory(cfg, spec, device, world)   # issue 19: refuse a run that cannot fit, before the first step
     if steps_per_epoch == 0:
         raise UserError(f"the training set is smaller than one batch of {cfg.batch_size}; lower --batch-size.")
+    if cfg.epochs is None:
+        # small in-memory sets: the rule's epochs, but at least SMALL_DATA_MIN_STEPS optimiser steps
+        # (digits' 1,347 images make 5 batches an epoch)
+        cfg = dataclasses.replace(cfg, epochs=max(rules["epochs"], math.ceil(SMALL_DATA_MIN_STEPS / steps_per_epoch)))
     net = _dist.wrap_ddp(model, device)   # DDP + global BatchNorm under torchrun; the model itself otherwise
     model = _dist.unwrap(net)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
@@ -192,8 +206,15 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
     results = {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "history": history, "world_size": world}
     results["memory"] = dict(memory, peak_rss_bytes=peak_rss_bytes())
     if _dist.is_main():
+        # The per-class BN statistics of the real training images, for class-aware
+        # recovery (srel_fast.class_stats); in-memory data sets only (one eval pass).
+        class_stats = None
+        if train_loader is None:
+            class_stats = class_stats_to_state(collect_class_statistics(
+                model, norm.normalize(train.images.to(device)), train.labels.to(device), len(classes)))
         save_checkpoint(cfg.out, model, spec, norm.mean, norm.std, classes, test_accuracy=acc,
-                        dataset=cfg.data, config=config_dict, recipe=recipe_record, inferred=inferred)
+                        dataset=cfg.data, config=config_dict, recipe=recipe_record, class_bn_stats=class_stats,
+                        inferred=inferred)
         write_json(cfg.out + ".json", {"config": config_dict, "recipe": recipe_record, "model": spec.to_dict(),
                                        "results": results, "environment": environment(), "inferred": inferred})
         if os.path.exists(resume_path):
@@ -225,10 +246,31 @@ def _builtin_batches(train, cfg: SqueezeConfig, norm: Normalization, gen: torch.
     lo, hi = _dist.shard_bounds(cfg.batch_size, rank, world)
     for s in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
         idx = order[s:s + cfg.batch_size][lo:hi]
-        p = draw_crop_params(cfg.batch_size, h, w, gen, per_image=True, scale=(cfg.min_scale, 1.0))
         x = norm.normalize(train.images[idx].to(device))
-        x = apply_crops(x, CropParams(p.boxes[lo:hi], p.flip[lo:hi], None), (h, w), "auto")
+        if cfg.augment == "shift":
+            x = shift_crop_flip(x, max(1, h // 14), gen, cfg.batch_size, lo, hi)
+        else:
+            p = draw_crop_params(cfg.batch_size, h, w, gen, per_image=True, scale=(cfg.min_scale, 1.0))
+            x = apply_crops(x, CropParams(p.boxes[lo:hi], p.flip[lo:hi], None), (h, w), "auto")
         yield x, train.labels[idx].to(device)
+
+
+def shift_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator, global_batch: int, lo: int = 0,
+                    hi: int | None = None) -> torch.Tensor:
+    """The small-image augmentation of the classic CIFAR/MNIST recipes: zero-pad (in normalised
+    units: the mean) by ``pad`` pixels, crop back to the original size at a random offset, flip
+    half the images. Offsets and flips are drawn for the whole global batch and sliced
+    (rows lo:hi are this rank's), so the draws do not depend on how the batch is split."""
+    n, c, h, w = x.shape
+    off = torch.randint(0, 2 * pad + 1, (global_batch, 2), generator=gen, device=gen.device)[lo:hi].to(x.device)
+    flip = (torch.rand(global_batch, generator=gen, device=gen.device) < 0.5)[lo:hi].to(x.device)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = off[:, 0, None] + torch.arange(h, device=x.device)                      # (n, h)
+    cols = off[:, 1, None] + torch.arange(w, device=x.device)                      # (n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    b = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]       # (n, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def _loader_batches(loader, epoch: int):

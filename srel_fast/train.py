@@ -84,11 +84,13 @@ class TrainConfig:
     decay_bn_bias: bool | None = None  # False: no weight decay on BN parameters and biases (official ImageNet)
     grad_accumulation: int | None = None  # micro-batches per step; BatchNorm sees batch_size / this
     kd_t2: bool | None = None         # multiply the KL loss by T^2 (official Tiny-ImageNet)
+    ema: float | None = None          # decay of the EMA of the student's weights that is evaluated (0: off)
     val_resize: str | None = None     # ImageFolder validation: resize-crop (size/0.875, centre crop) | none (raw)
     normalization: str | None = None  # mean/std of a teacher that carries none (plain state dict)
     image_size: int | None = None     # input size of a teacher that carries none
     width: int = 128
     seed: int = 0
+    seeds: str | None = None          # "0,1,2": one student per seed under out/seed<k>, mean and std
     device: str = "auto"
     backend: str = "auto"
     loader: str = "auto"
@@ -98,7 +100,7 @@ class TrainConfig:
     RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
         "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "temperature", "min_scale",
         "max_scale", "cutmix", "lr_step", "warmup_epochs", "warmup_start_factor", "decay_bn_bias",
-        "grad_accumulation", "kd_t2", "val_resize", "normalization", "image_size")
+        "grad_accumulation", "kd_t2", "val_resize", "normalization", "image_size", "ema")
     ALGORITHM_FLAGS: ClassVar[tuple[str, ...]] = ("label_mode",)
 
     def plan(self) -> CropPlanConfig:
@@ -123,6 +125,38 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}.")
     if cfg.val_resize is not None and cfg.val_resize not in VAL_RESIZES:
         raise UserError(f"--val-resize must be {' or '.join(VAL_RESIZES)}, got {cfg.val_resize!r}.")
+    if not (0 <= cfg.ema < 1):
+        raise UserError(f"--ema must be in [0, 1), got {cfg.ema}.")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {text!r}.") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds must name distinct seeds, got {text!r}.")
+    return seeds
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights, for evaluation:
+    ema = decay * ema + (1 - decay) * w after every optimiser step; BN buffers are copied."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
 
 
 def make_student_optimizer(model: torch.nn.Module, cfg: TrainConfig):
@@ -186,12 +220,16 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
         bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="train", unit="epoch", dynamic_ncols=True, file=sys.stderr)
     t0 = time.perf_counter()
     step = StudentStep(net, optimizer, images, labels, cfg, size, teacher, store, rank, world)
+    # The EMA restarts with a resumed run (it is not part of the resume state).
+    ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         row = 0
         epoch_loss = 0.0
         for pb in epoch_plan(cfg.plan(), epoch, n, images.shape[2], images.shape[3]):
             epoch_loss += step(pb, row, epoch)
+            if ema is not None:
+                ema.update(model)
             row += len(pb.indices)
             if cfg.lr_step == "iteration":
                 scheduler.step()
@@ -204,6 +242,8 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
             save_resume_state(resume_path, epoch + 1, model, optimizer, scheduler, gen, {"config": key})
     if bar is not None:
         bar.close()
+    if ema is not None:
+        model = ema.model
     acc = evaluate_fn(model)
     return {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "model": model}
 
@@ -320,6 +360,8 @@ def make_evaluator(val: str, norm: Normalization, image_size: int, device, loade
 
 @_dist.stage
 def run_train(cfg: TrainConfig) -> dict:
+    if cfg.seeds is not None:
+        return _run_seeds(cfg)
     cfg, recipe_record = resolve_recipe(cfg, "train")
     validate(cfg)
     if cfg.label_mode == "soft" and cfg.teacher is None and cfg.labels is None:
@@ -369,6 +411,26 @@ def run_train(cfg: TrainConfig) -> dict:
             os.remove(resume)
     _dist.barrier()
     return res
+
+
+def _run_seeds(cfg: TrainConfig) -> dict:
+    """One student per seed under out/seed<k>; train_results.json in out holds each
+    seed's accuracy, their mean and standard deviation (sample std, n - 1)."""
+    import statistics
+
+    seeds = parse_seeds(cfg.seeds)
+    runs = {}
+    for s in seeds:
+        res = run_train(dataclasses.replace(cfg, seed=s, seeds=None, out=os.path.join(cfg.out, f"seed{s}")))
+        runs[s] = res["test_accuracy"]
+    accs = list(runs.values())
+    summary = {"seeds": seeds, "test_accuracy": {str(s): a for s, a in runs.items()},
+               "test_accuracy_mean": statistics.mean(accs),
+               "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+               "config": dataclasses.asdict(apply_recipe(cfg, "train")), "environment": environment()}
+    if _dist.is_main():
+        write_json(os.path.join(cfg.out, "train_results.json"), summary)
+    return summary
 
 
 def _own_data_arch(cfg: TrainConfig, image_size: int) -> TrainConfig:

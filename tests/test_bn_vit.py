@@ -110,7 +110,7 @@ def test_checkpoint_recovers_with_reference_and_fused(vit_teacher, backend):
     runs = {}
     for b in ("torch", backend):
         cfg = RecoverConfig(out="", weights=vit_teacher, ipc=1, iterations=2, device="cpu", progress=False,
-                            backend=b, crop_mode="image").resolved(8)
+                            backend=b, crop_mode="image", amp="none", channels_last=False).resolved(8)
         with Recoverer(loaded.model, Normalization(loaded.mean, loaded.std), 8, 1, cfg, torch.device("cpu")) as rec:
             runs[b] = rec.run_batch(list(range(10)), 0, 0)
     assert runs["torch"].status == runs[backend].status == "ok"

@@ -96,7 +96,9 @@ def test_recipe_defaults_and_overrides_in_the_saved_config(digits_teacher, tmp_p
     assert run_cli(["recover", "--weights", digits_teacher[0], "--ipc", 1, "--iterations", 2, "--device", "cpu",
                     "--no-progress", "--out", tmp_path / "d"], capsys)[0] == 0
     saved = json.load(open(tmp_path / "d" / "recover_config.json"))
-    assert saved["config"]["recipe"] == "srel" and saved["recipe"]["overrides"] == {"iterations": {"value": 2, "recipe": 1000}}
+    # srel on small images with known real data: the class-aware rule (100 iterations)
+    assert saved["config"]["recipe"] == "srel" and saved["recipe"]["overrides"] == {"iterations": {"value": 2, "recipe": 100}}
+    assert saved["recipe"]["from_recipe"]["init"] == "real" and saved["config"]["r_class"] == 1.0
 
 
 def test_train_records_the_imagenet_recipe(digits_teacher, tmp_path):

@@ -78,6 +78,10 @@ def test_class_batches_round_robin():
     assert cosine_lr(0.25, 0, 100) == 0.25 and abs(cosine_lr(0.25, 100, 100)) < 1e-12
 
 
+# SRe2L's objective from noise (small images with known real data default to the class-aware one)
+PAPER_OBJECTIVE = dict(init="noise", r_class=0.0, first_bn_multiplier=10.0)
+
+
 def _recover(teacher, out, **kw):
     cfg = dict(out=str(out), weights=teacher, ipc=2, iterations=6, batch_size=4, device="cpu", progress=False)
     cfg.update(kw)
@@ -109,14 +113,22 @@ def test_recover_tree_is_complete_and_reproducible(digits_teacher, tmp_path):
     assert _tree_bytes(tmp_path / "c") != a
 
 
-def test_recover_in_pieces_equals_one_run(digits_teacher, tmp_path):
+@pytest.mark.parametrize("objective", [PAPER_OBJECTIVE, dict(class_images=1)],
+                         ids=["paper", "class-aware"])
+def test_recover_in_pieces_equals_one_run(digits_teacher, tmp_path, objective):
     teacher, _ = digits_teacher
-    _recover(teacher, tmp_path / "whole")
-    _recover(teacher, tmp_path / "parts", ipc_start=1, ipc_end=2)
-    _recover(teacher, tmp_path / "parts", ipc_start=0, ipc_end=1)
+    _recover(teacher, tmp_path / "whole", **objective)
+    _recover(teacher, tmp_path / "parts", ipc_start=1, ipc_end=2, **objective)
+    _recover(teacher, tmp_path / "parts", ipc_start=0, ipc_end=1, **objective)
     os.remove(tmp_path / "parts" / "00003" / "ipc00000.png")  # a lost file is redone
-    _recover(teacher, tmp_path / "parts")
+    _recover(teacher, tmp_path / "parts", **objective)
     assert _tree_bytes(tmp_path / "whole") == _tree_bytes(tmp_path / "parts")
+
+
+def test_class_aware_pieces_must_hold_whole_groups(digits_teacher, tmp_path):
+    teacher, _ = digits_teacher
+    with pytest.raises(UserError, match="multiples of 2"):
+        _recover(teacher, tmp_path / "o", class_images=2, ipc_start=1, ipc_end=2)
 
 
 def test_recover_refuses_other_config_in_same_output(digits_teacher, tmp_path):
@@ -133,7 +145,7 @@ def test_recover_refuses_other_config_in_same_output(digits_teacher, tmp_path):
 def test_recover_nonfinite_stops_and_keeps_last_finite(digits_teacher, tmp_path):
     teacher, _ = digits_teacher
     with pytest.raises(NonFiniteLoss, match=r"ipc 0, batch 0"):
-        _recover(teacher, tmp_path / "nan", r_bn=1e38)
+        _recover(teacher, tmp_path / "nan", r_bn=1e38, **PAPER_OBJECTIVE)
     failed = tmp_path / "nan" / "failed" / "ipc00000_batch00000"
     assert len(os.listdir(failed)) == 4
     assert not os.path.exists(tmp_path / "nan" / "00000" / "ipc00000.png")
@@ -141,7 +153,7 @@ def test_recover_nonfinite_stops_and_keeps_last_finite(digits_teacher, tmp_path)
 
 def test_recover_skip_nonfinite_goes_on(digits_teacher, tmp_path):
     teacher, _ = digits_teacher
-    m = _recover(teacher, tmp_path / "skip", r_bn=1e38, on_nonfinite="skip", ipc=1)
+    m = _recover(teacher, tmp_path / "skip", r_bn=1e38, on_nonfinite="skip", ipc=1, **PAPER_OBJECTIVE)
     assert len(m["failed_batches"]) == 3 and m["completed_batches"] == 0
 
 

@@ -11,8 +11,14 @@ needs_ext = pytest.mark.skipif(not _ext.has_op("bn_stat", "cpu") or not _ext.has
                                reason=f"C++ extension unavailable: {_ext.load_error()}")
 
 
+# SRe2L's objective from noise in fp32 (small images with known real data default to the
+# class-aware objective, and a CPU with native bf16 to bf16 autocast)
+PAPER_FP32 = dict(init="noise", r_class=0.0, first_bn_multiplier=10.0, amp="none", channels_last=False)
+
+
 def _run(teacher, iterations=5, **kw):
     loaded = load_model(teacher)
+    kw = {"amp": "none", "channels_last": False, **kw}  # fp32 everywhere: backends compared at 1e-4
     cfg = RecoverConfig(out="", weights=teacher, ipc=1, iterations=iterations, device="cpu", progress=False, **kw)
     cfg = cfg.resolved(loaded.spec.image_size)
     with Recoverer(loaded.model, Normalization(loaded.mean, loaded.std), loaded.spec.image_size,
@@ -54,7 +60,7 @@ def test_grouped_batches_follow_their_own_objectives(digits_teacher, tmp_path, b
     def run(out, groups):
         return run_recover(RecoverConfig(out=str(tmp_path / out), weights=digits_teacher[0], ipc=3, iterations=6,
                                          batch_size=5, crop_mode="image", backend=backend, group_batches=groups,
-                                         device="cpu", progress=False))
+                                         device="cpu", progress=False, **PAPER_FP32))
 
     alone, stacked = run("alone", 1), run("stacked", 3)
     assert {e["group_batches"] for e in stacked["batches"]} == {3}
@@ -73,7 +79,8 @@ def test_grouped_divergence_fails_only_that_batch(digits_teacher, tmp_path):
     from srel_fast.recover import run_recover
 
     m = run_recover(RecoverConfig(out=str(tmp_path / "g"), weights=digits_teacher[0], ipc=1, iterations=3, batch_size=4,
-                                  r_bn=1e38, group_batches=2, on_nonfinite="skip", device="cpu", progress=False))
+                                  r_bn=1e38, group_batches=2, on_nonfinite="skip", device="cpu", progress=False,
+                                  **PAPER_FP32))
     assert len(m["failed_batches"]) == 3 and all(e["group_batches"] in (1, 2) for e in m["batches"])
 
 
