@@ -7,7 +7,7 @@ One JSON line per (data, ipc, seed, row) in OUT/rows.jsonl; rows already there a
 so an interrupted run goes on where it stopped.
 
     python scripts/quality.py --data fashion-mnist --teacher T.pt --ipc 1,10,50 --seeds 0,1,2 --out OUT
-    python scripts/quality.py --summarize OUT [OUT ...] > docs/results/quality.md
+    python scripts/quality.py --summarize OUT [OUT ...] --json cells.json
 """
 from __future__ import annotations
 
@@ -27,31 +27,40 @@ from srel_fast.models import ModelSpec, load_model
 from srel_fast.recover import RecoverConfig, run_recover
 from srel_fast.train import TrainConfig, load_synthetic, make_evaluator, train_student
 
-ROWS = ("real-hard", "real-soft", "sre2l", "srel")
+ROWS = ("real-hard", "real-soft", "sre2l", "srel", "srel-hard")
 
 
 def student_config(args) -> TrainConfig:
+    if args.student_defaults:  # `srel-fast train` with no tuning flag (srel recipe, ConvNet-3 width 128)
+        return TrainConfig(syn="", out="", val=args.data, arch="convnet3", progress=False, device="cpu",
+                           ema=args.ema, cutmix=args.cutmix)
     # The demo's student (srel-fast demo): AdamW lr 0.01, batch 50, crops 0.5-1, T 20.
-    return TrainConfig(syn="", out="", val=args.data, arch="convnet3", width=args.width, epochs=args.train_epochs,
+    return TrainConfig(ema=args.ema, cutmix=args.cutmix, syn="", out="", val=args.data, arch="convnet3", width=args.width, epochs=args.train_epochs,
                        batch_size=50, optimizer="adamw", lr=0.01, weight_decay=0.01, min_scale=0.5, progress=False,
                        device="cpu")
 
 
 def recover_row(row: str, args, ipc: int, seed: int, out: str) -> str:
-    syn = os.path.join(out, f"{row}_ipc{ipc}_s{seed}")
+    """The synthetic tree of a row (recovered once; srel-hard trains srel's with hard labels)."""
+    row = "srel" if row == "srel-hard" else row
+    syn = os.path.join(out, f"{row}{args.tag if row == 'srel' and args.srel else ''}_ipc{ipc}_s{seed}")
+    if os.path.exists(os.path.join(syn, "manifest.json")):
+        return syn
     if row == "sre2l":
         cfg = RecoverConfig(out=syn, weights=args.teacher, recipe="sre2l-tiny", ipc=ipc, iterations=args.sre2l_iterations,
                             group_batches=10, seed=seed, device="cpu", progress=False, overwrite=True)
     else:
-        cfg = RecoverConfig(out=syn, weights=args.teacher, ipc=ipc, seed=seed, device="cpu", progress=False,
-                            overwrite=True, **dict(args.srel_overrides))
+        fields = dict(out=syn, weights=args.teacher, ipc=ipc, seed=seed, device="cpu", progress=False, overwrite=True)
+        fields.update(args.srel_overrides)   # e.g. weights=a.pt,b.pt (several teachers)
+        cfg = RecoverConfig(**fields)
     run_recover(cfg)
     return syn
 
 
 def run_one(row: str, args, ipc: int, seed: int, out: str) -> dict:
     teacher = load_model(args.teacher)
-    spec = ModelSpec("convnet3", teacher.spec.num_classes, teacher.spec.in_channels, teacher.spec.image_size, args.width)
+    width = 128 if args.student_defaults else args.width
+    spec = ModelSpec("convnet3", teacher.spec.num_classes, teacher.spec.in_channels, teacher.spec.image_size, width)
     t0 = time.perf_counter()
     if row.startswith("real"):
         from srel_fast.data import Normalization
@@ -64,7 +73,7 @@ def run_one(row: str, args, ipc: int, seed: int, out: str) -> dict:
         syn = recover_row(row, args, ipc, seed, out)
         images, labels, norm = load_synthetic(syn, teacher, torch.device("cpu"))
     t_data = time.perf_counter() - t0
-    mode = "hard" if row == "real-hard" else "soft"
+    mode = "hard" if row.endswith("-hard") else "soft"
     cfg = dataclasses.replace(student_config(args), seed=seed, label_mode=mode)
     evaluate_fn = make_evaluator(args.data, norm, spec.image_size, torch.device("cpu"), seed=seed)
     res = train_student(images, labels, spec.num_classes, spec, cfg, evaluate_fn,
@@ -75,14 +84,83 @@ def run_one(row: str, args, ipc: int, seed: int, out: str) -> dict:
             "srel_overrides": dict(args.srel_overrides) if row == "srel" else None}
 
 
-def summarize(dirs: list[str]) -> None:
+PUBLISHED = {  # ConvNet on Fashion-MNIST, IPC 1 / 10 / 50 (as quoted in issue 15)
+    "DC": (70.5, 82.3, 83.6), "DSA": (70.6, 84.6, 88.7), "KIP (images, trained ConvNet)": (73.8, 86.8, 87.8)}
+ROW_NAMES = {"real-hard": "random real, hard labels", "real-soft": "random real, soft labels",
+             "sre2l": "SRe2L objective (sre2l-tiny recovery, 1000 it)", "srel": "srel recipe (defaults)",
+             "srel-hard": "srel recipe, hard labels"}
+
+
+def _mean_sd(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def dd_ranking(full_hard: float, syn_hard: float, syn_soft: float, random_soft: float, lam: float = 0.5) -> dict:
+    """DD-Ranking's metrics by their published formulas (the ddranking package's code):
+    HLR = full-data hard-label acc - synthetic hard-label acc, IOR = synthetic soft-label acc -
+    random-real soft-label acc, LRS = (exp(lam IOR - (1 - lam) HLR) - e^-1) / (e - e^-1), with
+    accuracies as fractions (so LRS lies in [0, 1] for |alpha| <= 1)."""
+    import math
+
+    hlr = (full_hard - syn_hard) / 100
+    ior = (syn_soft - random_soft) / 100
+    alpha = lam * ior - (1 - lam) * hlr
+    return {"HLR": 100 * hlr, "IOR": 100 * ior, "LRS": (math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1))}
+
+
+def summarize(dirs: list[str]) -> dict:
     rows = [json.loads(line) for d in dirs for line in open(os.path.join(d, "rows.jsonl"))]
-    groups: dict = {}
+    by = {}
     for r in rows:
-        groups.setdefault((r["data"], r["ipc"], r["row"]), []).append(r["acc"])
-    for (data, ipc, row), accs in sorted(groups.items()):
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| {data} | {ipc} | {row} | {statistics.mean(accs):.2f} +- {sd:.2f} | {len(accs)} |")
+        by.setdefault((r["data"], r["ipc"], r["row"]), {})[r["seed"]] = r
+    out = {"cells": [], "dd_ranking": []}
+    for data in sorted({r["data"] for r in rows}):
+        print(f"\n### {data}\n")
+        teacher = next(r["teacher_acc"] for r in rows if r["data"] == data)
+        print(f"Teacher (ConvNet-3 w32, full training set, hard labels): {teacher:.2f}\n")
+        ipcs = sorted({r["ipc"] for r in rows if r["data"] == data})
+        print("| row | " + " | ".join(f"IPC {k}" for k in ipcs) + " |")
+        print("|---|" + "---|" * len(ipcs))
+        names = [n for n in ROW_NAMES] + sorted({r["row"] for r in rows if r["data"] == data} - set(ROW_NAMES))
+        for name in names:
+            cells = []
+            for k in ipcs:
+                runs = by.get((data, k, name), {})
+                if not runs:
+                    cells.append("-")
+                    continue
+                m, sd = _mean_sd([r["acc"] for r in runs.values()])
+                cell = f"{m:.2f} +- {sd:.2f}"
+                # gain over random real images trained the same way (same student suffix, if any)
+                suffix = name[len("srel"):] if name.startswith("srel") else ""
+                base = by.get((data, k, "real-soft" + suffix)) or by.get((data, k, "real-soft"), {})
+                paired = [runs[s]["acc"] - base[s]["acc"] for s in runs if s in base]
+                if not name.startswith("real") and paired and not name.endswith("-hard"):
+                    cell += f" ({statistics.mean(paired):+.2f})"
+                cells.append(cell + (f" [n={len(runs)}]" if len(runs) != 3 else ""))
+                out["cells"].append({"data": data, "ipc": k, "row": name, "mean": m, "std": sd,
+                                     "seeds": sorted(runs), "accs": [runs[s]["acc"] for s in sorted(runs)],
+                                     "paired_gain_over_real_soft": statistics.mean(paired) if paired else None})
+            print(f"| {ROW_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
+        if data == "fashion-mnist":
+            for method, accs in PUBLISHED.items():
+                print(f"| published: {method} | " + " | ".join(
+                    f"{accs[(1, 10, 50).index(k)]:.1f}" if k in (1, 10, 50) else "-" for k in ipcs) + " |")
+        print("\nDD-Ranking metrics of the srel recipe (mean over seeds; formulas of the ddranking package, "
+              "accuracies as fractions, lambda 0.5; full-data hard-label accuracy = the teacher's):\n")
+        print("| IPC | HLR (points) | IOR (points) | LRS |")
+        print("|---|---|---|---|")
+        for k in ipcs:
+            need = [(data, k, n) for n in ("srel-hard", "srel", "real-soft")]
+            if not all(n in by for n in need):
+                continue
+            seeds = sorted(set.intersection(*(set(by[n]) for n in need)))
+            ms = [dd_ranking(teacher, by[need[0]][s]["acc"], by[need[1]][s]["acc"], by[need[2]][s]["acc"])
+                  for s in seeds]
+            agg = {key: statistics.mean(m[key] for m in ms) for key in ("HLR", "IOR", "LRS")}
+            out["dd_ranking"].append({"data": data, "ipc": k, "seeds": seeds, **agg})
+            print(f"| {k} | {agg['HLR']:.2f} | {agg['IOR']:+.2f} | {agg['LRS']:.3f} |")
+    return out
 
 
 def main(argv=None) -> None:
@@ -98,12 +176,22 @@ def main(argv=None) -> None:
     ap.add_argument("--srel", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a recover field of the srel row (ablations), e.g. r_class=0")
     ap.add_argument("--tag", default="", help="suffix of the row name (ablations)")
+    ap.add_argument("--student-defaults", action="store_true",
+                    help="train students with `srel-fast train`'s defaults instead of the demo's student")
+    ap.add_argument("--tag-all", action="store_true", help="add --tag to every row's name (other students)")
+    ap.add_argument("--ema", type=float, default=0.0, help="student EMA decay (0: off)")
+    ap.add_argument("--cutmix", type=float, default=0.0, help="student CutMix probability per batch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out")
-    ap.add_argument("--summarize", nargs="*")
+    ap.add_argument("--summarize", nargs="*", help="print the tables of these output directories")
+    ap.add_argument("--json", help="with --summarize: also write the cells as JSON here")
     args = ap.parse_args(argv)
     if args.summarize:
-        return summarize(args.summarize)
+        out = summarize(args.summarize)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return None
     torch.set_num_threads(args.threads)
     overrides = []
     for item in args.srel:
@@ -122,7 +210,7 @@ def main(argv=None) -> None:
     for ipc in map(int, args.ipc.split(",")):
         for seed in map(int, args.seeds.split(",")):
             for row in args.rows.split(","):
-                name = row + args.tag if row == "srel" else row
+                name = row + args.tag if row.startswith("srel") or args.tag_all else row
                 if (ipc, seed, name) in done:
                     continue
                 rec = run_one(row, args, ipc, seed, args.out)

@@ -42,7 +42,7 @@ class DemoConfig:
     width: int = 32
     ipc: int = 10
     squeeze_epochs: int = 3
-    iterations: int = 500
+    iterations: int | None = None      # None: the recover stage's rule (srel, small images: 100)
     train_epochs: int = 300
     # Recipe fields (None: the recipe's "demo" value, else the stage's value of the recipe).
     squeeze_lr: float | None = None
@@ -101,9 +101,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                                 iterations=cfg.iterations, lr=cfg.recover_lr, r_bn=cfg.r_bn, crop_mode=cfg.crop_mode,
                                 backend=cfg.backend, min_scale=cfg.min_scale, seed=cfg.seed, device=cfg.device,
                                 progress=cfg.progress)
-    _say(f"[2/4] recover: IPC {cfg.ipc}, {cfg.iterations} iterations, recipe {cfg.recipe}, crop mode "
-         f"{resolve_recipe(recover_cfg, 'recover')[0].crop_mode}, backend {cfg.backend}")
+    _say(f"[2/4] recover: IPC {cfg.ipc}, recipe {cfg.recipe}, backend {cfg.backend}")
     manifest = run_recover(recover_cfg)
+    rc = manifest["config"]
+    _say(f"      {rc['iterations']} iterations from {rc['init']} images, r_bn {rc['r_bn']}, r_class {rc['r_class']}, "
+         f"lr {rc['lr']}, crop mode {rc['crop_mode']}")
     syn_images, syn_labels, norm = load_synthetic(syn_dir, teacher, device)
     grid_path = os.path.join(cfg.out, "synthetic_grid.png")
     save_grid(grid_path, load_tree(syn_dir)[0].float() / 255, syn_labels.cpu(), per_class=cfg.ipc)
