@@ -21,7 +21,9 @@ HELP = {
     # shared
     "out": "output path", "seed": "random seed: the same seed gives the same result",
     "device": "auto, cpu, cuda or cuda:N", "overwrite": "replace an existing output of another run",
-    "progress": "show progress bars", "arch": "model name (our names or any torchvision classification model)",
+    "progress": "show progress bars",
+    "arch": "model name (our names or any torchvision classification model); squeeze/train: by image size when "
+            "left out (convnet3 < 64 px, resnet18-small < 128 px, else resnet18)",
     "backend": "kernel backend: torch (reference), auto, triton, cuda, cpu",
     "loader": "ImageFolder loader: auto, dali or torch", "num_workers": "data loader workers",
     "width": "ConvNet width", "epochs": "training epochs",
@@ -29,7 +31,8 @@ HELP = {
     "data": "a built-in data set name (fashion-mnist, digits) or an ImageFolder directory (recover: the real "
             "training images for --init real and --r-class; default: the data the checkpoint was trained on)",
     "min_scale": "RandomResizedCrop minimum area fraction", "max_scale": "RandomResizedCrop maximum area fraction",
-    "image_size": "input resolution (squeeze: ImageFolder data; elsewhere: weights that carry none)",
+    "image_size": "input resolution (squeeze: ImageFolder data, inferred from the images when left out; "
+                  "elsewhere: weights that carry none)",
     # recover
     "weights": "squeeze checkpoint or torchvision state dict; 'random' for an untrained model",
     "ipc": "images per class", "ipc_start": "first ipc index this run recovers",
@@ -60,7 +63,8 @@ HELP = {
     "lr_step": "when the cosine lr advances: every iteration or every epoch (the official scripts)",
     "warmup_epochs": "epochs of linear lr warm-up before the cosine",
     "warmup_start_factor": "lr factor at the start of the warm-up",
-    "normalization": "mean/std: imagenet, tiny-imagenet (squeeze also: dataset, auto); for weights that carry none",
+    "normalization": "mean/std: imagenet, tiny-imagenet (squeeze also: dataset, auto = the data's own, ImageNet's "
+                     "for ImageNet-sized images); for weights that carry none",
     "val_resize": "validation images: resize-crop (shorter side size/0.875, centre crop) or none (raw images)",
     "jitter_range": "roll drawn from nonnegative: 0..jitter (official ImageNet) or symmetric: -jitter..jitter (official Tiny)",
     "class_layout": "classes of a batch: consecutive (0..B-1, B..2B-1, ...: the paper) or round-robin",

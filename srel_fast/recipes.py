@@ -56,9 +56,8 @@ class Recipe:
 
 _SREL_SQUEEZE = dict(
     batch_size=256, optimizer="sgd", momentum=0.9, min_scale=0.08,
-    lr_step="iteration", warmup_epochs=0, warmup_start_factor=0.01, normalization="auto", image_size=224,
-    val_resize="resize-crop",
-)
+    lr_step="iteration", warmup_epochs=0, warmup_start_factor=0.01, normalization="auto",
+)   # image_size and val_resize: inferred from the images (stage_rules; srel_fast.inspect_data)
 # srel's teacher for the small in-memory data sets (Fashion-MNIST, digits): the classic
 # small-image recipe (pad-and-crop shifts, a short cosine schedule) trains a better ConvNet
 # teacher there than ImageNet's RandomResizedCrop recipe (docs/results/quality.md).
@@ -84,9 +83,9 @@ _SREL_RELABEL = dict(epochs=300, batch_size=100, temperature=20.0, min_scale=0.0
 _SREL_TRAIN = dict(
     epochs=300, batch_size=100, optimizer="adamw", lr=1e-3, weight_decay=0.01, momentum=0.9, temperature=20.0,
     min_scale=0.08, max_scale=1.0, cutmix=1.0, lr_step="iteration", warmup_epochs=0, warmup_start_factor=0.01,
-    decay_bn_bias=True, grad_accumulation=1, kd_t2=False, val_resize="resize-crop", normalization="imagenet",
+    decay_bn_bias=True, grad_accumulation=1, kd_t2=False, normalization="imagenet",
     image_size=224, ema=0.0,
-)
+)   # val_resize: by the size of the --val images (stage_rules; srel_fast.inspect_data)
 # The demo's own settings for Fashion-MNIST under srel (tuned there; see README). Under
 # other recipes the demo sets only its budget and the stages take the recipe's values.
 # Recovery takes the recover stage's rules (small images with known real data: real start,
@@ -113,8 +112,13 @@ RECIPES: dict[str, Recipe] = {
         values={"squeeze": _SREL_SQUEEZE, "recover": _SREL_RECOVER, "relabel": _SREL_RELABEL,
                 "train": _SREL_TRAIN, "demo": _SREL_DEMO},
         stage_rules={"demo": _SREL_DEMO_RULES,
-                     "squeeze": {k: f"built-in (small, in-memory) data sets: {v}; else {SREL_DEFAULT_SQUEEZE[k]}"
-                                 for k, v in SREL_SMALL_DATA_SQUEEZE.items()},
+                     "squeeze": {**{k: f"built-in (small, in-memory) data sets: {v}; else {SREL_DEFAULT_SQUEEZE[k]}"
+                                    for k, v in SREL_SMALL_DATA_SQUEEZE.items()},
+                                 # issue 19: from the ImageFolder's images (srel_fast.inspect_data)
+                                 "image_size": "the images' size (one size), else their median shorter side; "
+                                               "at most 224",
+                                 "val_resize": "none for images of one size <= 64 px, else resize-crop"},
+                     "train": {"val_resize": "none for --val images of one size <= 64 px, else resize-crop"},
                      "recover": {
             "lr": "0.25 at >= 128 px; small images with real data: 0.03; else 0.1",
             "r_bn": "0.01 at >= 128 px; small images with real data: 0; else 1.0",

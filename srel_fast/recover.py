@@ -713,11 +713,14 @@ def _run_jobs(cfg: RecoverConfig, record: dict, recoverer: Recoverer, norm: Norm
     todo = [launch for launch in launches if not all(complete(i, b) for i, b in launch)]
     n_jobs, n_todo = sum(map(len, launches)), sum(map(len, todo))
     bar = _progress_bar(cfg, len(todo) * cfg.iterations, f"recover ({n_jobs - n_todo} of {n_jobs} batches done)")
+    progress = RunProgress(bar, n_jobs, n_jobs - n_todo, sum(len(batches[b]) for i, b in jobs if complete(i, b)),
+                           len(todo) * cfg.iterations)   # issue 19: batches and images as they finish, time left
     failed = []
     for launch in todo:
         where = ", ".join(f"ipc {i} batch {b}" for i, b in launch)
 
         def tick(it, loss, bar=bar, state={"shown": 0}):
+            progress.iterations(it + 1 - state["shown"])
             if bar is not None:
                 bar.update(it + 1 - state["shown"])
                 state["shown"] = it + 1
@@ -741,6 +744,7 @@ def _run_jobs(cfg: RecoverConfig, record: dict, recoverer: Recoverer, norm: Norm
                 continue
             _save_batch(cfg, norm, result, None)
             append_jsonl(progress_path, entry)
+            progress.batch_written(len(result.classes))
     if bar is not None:
         bar.close()
     return write_manifest(cfg, record, failed)
@@ -785,3 +789,43 @@ def _progress_bar(cfg, total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, file=sys.stderr)
+
+
+class RunProgress:
+    """The progress line of a recovery run (issue 19): batches done out of all of the run's batches
+    (finished earlier ones included), images written, and the time left for the whole run estimated
+    from the iterations done so far in this process."""
+
+    def __init__(self, bar, total_batches: int, done_batches: int, images: int, total_iterations: int):
+        self.bar, self.total, self.done, self.images = bar, total_batches, done_batches, images
+        self.total_iterations, self.iterations_done = total_iterations, 0
+        self.start = time.perf_counter()
+
+    def iterations(self, n: int) -> None:
+        self.iterations_done += n
+
+    def seconds_left(self) -> float | None:
+        if self.iterations_done == 0:
+            return None
+        elapsed = time.perf_counter() - self.start
+        return elapsed / self.iterations_done * max(0, self.total_iterations - self.iterations_done)
+
+    def text(self) -> str:
+        left = self.seconds_left()
+        eta = "" if left is None else f", about {_duration(left)} left"
+        return f"recover ({self.done} of {self.total} batches done, {self.images} images written{eta})"
+
+    def batch_written(self, images: int) -> None:
+        self.done += 1
+        self.images += images
+        if self.bar is not None:
+            self.bar.set_description_str(self.text(), refresh=True)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"

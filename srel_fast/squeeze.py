@@ -38,10 +38,11 @@ from .errors import NonFiniteLoss, UserError
 from .files import environment, write_json
 from .models import MEAN_STD, ModelSpec, build_model, require_batchnorm, save_checkpoint
 from .recipes import SREL_DEFAULT_SQUEEZE, SREL_SMALL_DATA_SQUEEZE, resolve_recipe
+from .inspect_data import check_memory, choose_for_folder, default_arch, fit_batch_size, peak_rss_bytes, say, split_dirs
 from .training import (LR_STEPS, evaluate, evaluate_loader, load_resume_state, make_optimizer, make_schedule,
                        save_resume_state, seed_everything)
 
-NORMALIZATIONS = ("auto", "dataset", *MEAN_STD)   # auto: dataset for built-in sets, imagenet for folders
+NORMALIZATIONS = ("auto", "dataset", *MEAN_STD)   # auto: the data set's own; imagenet for ImageNet-sized folders
 VAL_RESIZES = ("resize-crop", "none")
 AUGMENTS = ("rrc", "shift")
 SMALL_DATA_MIN_STEPS = 2000
@@ -51,7 +52,7 @@ SMALL_DATA_MIN_STEPS = 2000
 class SqueezeConfig:
     data: str
     out: str
-    arch: str = "convnet3"
+    arch: str | None = None           # None: by image size (srel_fast.inspect_data.default_arch)
     recipe: str | None = None         # named defaults for the fields below left at None (default: srel)
     # Recipe fields (None: the recipe's value).
     epochs: int | None = None
@@ -66,8 +67,9 @@ class SqueezeConfig:
     warmup_epochs: int | None = None  # linear warm-up before the cosine
     warmup_start_factor: float | None = None
     normalization: str | None = None  # auto | dataset | imagenet | tiny-imagenet
-    image_size: int | None = None     # ImageFolder only
+    image_size: int | None = None     # ImageFolder only; None under srel: inferred from the images
     val_resize: str | None = None     # ImageFolder validation: resize-crop (shorter side size/0.875, centre crop) | none
+                                      # (None under srel: by image size, srel_fast.inspect_data)
     width: int = 128                  # ConvNet width
     seed: int = 0
     device: str = "auto"
@@ -97,7 +99,7 @@ def validate(cfg: SqueezeConfig) -> None:
         raise UserError(f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}.")
     if cfg.normalization not in NORMALIZATIONS:
         raise UserError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {cfg.normalization!r}.")
-    if cfg.val_resize not in VAL_RESIZES:
+    if cfg.val_resize is not None and cfg.val_resize not in VAL_RESIZES:
         raise UserError(f"--val-resize must be {' or '.join(VAL_RESIZES)}, got {cfg.val_resize!r}.")
     if cfg.augment not in AUGMENTS:
         raise UserError(f"--augment must be {' or '.join(AUGMENTS)}, got {cfg.augment!r}.")
@@ -119,6 +121,8 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
                         f"{world} processes.")
     if is_builtin(cfg.data):
         train, test = load_builtin(cfg.data, "train", cfg.seed), load_builtin(cfg.data, "test", cfg.seed)
+        cfg = _own_data_builtin(cfg, train, world)   # issue 19: arch by size, batch <= data set
+        inferred = None
         norm = dataset_normalization(train) if cfg.normalization in ("auto", "dataset") else _named(cfg, train.channels)
         classes, channels, size = train.classes, train.channels, train.image_size
         steps_per_epoch = len(train) // cfg.batch_size
@@ -126,24 +130,23 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
     else:
         from .loaders import LoaderConfig, build_loader
 
-        if cfg.normalization == "dataset":
-            raise UserError("--normalization dataset is for the built-in data sets; for an ImageFolder tree "
-                            "use imagenet or tiny-imagenet.")
+        # issue 19: size, channels, mean/std, evaluation transform, arch and batch from the images
+        cfg, norm, channels, inferred = _own_data_folder(cfg, world)
         size = cfg.image_size
-        norm = _named(cfg, 3)
         common = dict(image_size=size, batch_size=cfg.batch_size // world, mean=norm.mean, std=norm.std,
+                      channels=channels,
                       loader=cfg.loader, num_workers=cfg.num_workers, seed=cfg.seed, device=str(device),
                       shard_id=rank, num_shards=world)
-        train_dir = os.path.join(cfg.data, "train") if os.path.isdir(os.path.join(cfg.data, "train")) else cfg.data
-        val_dir = os.path.join(cfg.data, "val") if os.path.isdir(os.path.join(cfg.data, "val")) else train_dir
+        train_dir, val_dir = split_dirs(cfg.data)
         train_loader = build_loader(LoaderConfig(root=train_dir, train=True, **common))
         val_loader = build_loader(LoaderConfig(root=val_dir, train=False, val_resize=cfg.val_resize == "resize-crop",
                                                **common))
-        classes, channels = list(train_loader.classes), 3
+        classes = list(train_loader.classes)
         steps_per_epoch = len(train_loader)
     spec = ModelSpec(cfg.arch, len(classes), channels, size, cfg.width)
     model = build_model(spec).to(device)
     require_batchnorm(model, cfg.arch)
+    memory = _check_memory(cfg, spec, device, world)   # issue 19: refuse a run that cannot fit, before the first step
     if steps_per_epoch == 0:
         raise UserError(f"the training set is smaller than one batch of {cfg.batch_size}; lower --batch-size.")
     if cfg.epochs is None:
@@ -201,6 +204,7 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
         bar.close()
     acc = evaluate(model, test, norm, device) if val_loader is None else evaluate_loader(model, val_loader, device)
     results = {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "history": history, "world_size": world}
+    results["memory"] = dict(memory, peak_rss_bytes=peak_rss_bytes())
     if _dist.is_main():
         # The per-class BN statistics of the real training images, for class-aware
         # recovery (srel_fast.class_stats); in-memory data sets only (one eval pass).
@@ -209,9 +213,10 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
             class_stats = class_stats_to_state(collect_class_statistics(
                 model, norm.normalize(train.images.to(device)), train.labels.to(device), len(classes)))
         save_checkpoint(cfg.out, model, spec, norm.mean, norm.std, classes, test_accuracy=acc,
-                        dataset=cfg.data, config=config_dict, recipe=recipe_record, class_bn_stats=class_stats)
+                        dataset=cfg.data, config=config_dict, recipe=recipe_record, class_bn_stats=class_stats,
+                        inferred=inferred)
         write_json(cfg.out + ".json", {"config": config_dict, "recipe": recipe_record, "model": spec.to_dict(),
-                                       "results": results, "environment": environment()})
+                                       "results": results, "environment": environment(), "inferred": inferred})
         if os.path.exists(resume_path):
             os.remove(resume_path)
     _dist.barrier()
@@ -271,3 +276,27 @@ def shift_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator, global_batc
 def _loader_batches(loader, epoch: int):
     loader.set_epoch(epoch)
     yield from loader
+
+
+# -- issue 19: the user's own data (the choices live in srel_fast.inspect_data) ---------------------------
+
+def _own_data_builtin(cfg: SqueezeConfig, train, world: int) -> SqueezeConfig:
+    arch = cfg.arch
+    if arch is None:
+        arch, why = default_arch(train.image_size)
+        say(f"squeeze: arch {arch} ({why}).")
+    return dataclasses.replace(cfg, arch=arch, batch_size=fit_batch_size(cfg.batch_size, len(train), world))
+
+
+def _own_data_folder(cfg: SqueezeConfig, world: int):
+    train_dir, val_dir = split_dirs(cfg.data)
+    ch = choose_for_folder(train_dir, val_dir, cfg.image_size, cfg.normalization, cfg.val_resize, cfg.arch,
+                           cfg.batch_size, world)
+    cfg = dataclasses.replace(cfg, image_size=ch.image_size, val_resize=ch.val_resize, arch=ch.arch,
+                              batch_size=ch.batch_size)
+    return cfg, ch.norm, ch.channels, ch.record()
+
+
+def _check_memory(cfg: SqueezeConfig, spec: ModelSpec, device, world: int) -> dict:
+    loader_batches = 0 if is_builtin(cfg.data) else 2 * cfg.num_workers + 1
+    return check_memory(spec, cfg.batch_size // world, cfg.optimizer, device, "squeeze", loader_batches)

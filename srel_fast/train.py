@@ -62,7 +62,7 @@ class TrainConfig:
     syn: str
     out: str
     val: str
-    arch: str
+    arch: str | None = None           # None: by image size (srel_fast.inspect_data.default_arch)
     teacher: str | None = None        # online relabel (teacher in the loop)
     labels: str | None = None         # stored soft labels (srel-fast relabel)
     teacher_arch: str | None = None
@@ -124,7 +124,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--lr-step must be {' or '.join(LR_STEPS)}, got {cfg.lr_step!r}.")
     if cfg.warmup_epochs < 0:
         raise UserError(f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}.")
-    if cfg.val_resize not in VAL_RESIZES:
+    if cfg.val_resize is not None and cfg.val_resize not in VAL_RESIZES:
         raise UserError(f"--val-resize must be {' or '.join(VAL_RESIZES)}, got {cfg.val_resize!r}.")
     if not (0 <= cfg.ema < 1):
         raise UserError(f"--ema must be in [0, 1), got {cfg.ema}.")
@@ -313,9 +313,10 @@ def _resume_key(cfg: TrainConfig) -> dict:
 
 
 def make_evaluator(val: str, norm: Normalization, image_size: int, device, loader: str = "auto", seed: int = 0,
-                   val_resize: str = "resize-crop"):
+                   val_resize: str | None = "resize-crop"):
     """Top-1 on real data: a built-in test split, or an ImageFolder (val/) tree read with
-    resize + centre crop (``resize-crop``) or as the raw images (``none``)."""
+    resize + centre crop (``resize-crop``) or as the raw images (``none``); None: by the
+    images' size (srel_fast.inspect_data). Grey or colour as the normalisation."""
     check_data_path(val)
     if is_builtin(val):
         test = load_builtin(val, "test", seed)
@@ -323,8 +324,13 @@ def make_evaluator(val: str, norm: Normalization, image_size: int, device, loade
     from .loaders import LoaderConfig, build_loader
 
     val_dir = os.path.join(val, "val") if os.path.isdir(os.path.join(val, "val")) else val
+    if val_resize is None:   # issue 19
+        from .inspect_data import val_resize_for
+
+        val_resize = val_resize_for(val_dir, image_size)
     vl = build_loader(LoaderConfig(root=val_dir, train=False, image_size=image_size, batch_size=250,
-                                   mean=norm.mean, std=norm.std, loader=loader, device=str(device),
+                                   mean=norm.mean, std=norm.std, channels=len(norm.mean), loader=loader,
+                                   device=str(device),
                                    shard_id=_dist.rank(), num_shards=_dist.world_size(),
                                    val_resize=val_resize == "resize-crop"))
     return lambda model: evaluate_loader(model, vl, device)
@@ -344,6 +350,7 @@ def run_train(cfg: TrainConfig) -> dict:
     images, labels, norm = load_synthetic(cfg.syn, teacher, device)
     rec_path = os.path.join(cfg.syn, "recover_config.json")
     base = ModelSpec(**read_json(rec_path)["model"]) if os.path.exists(rec_path) else teacher.spec
+    cfg = _own_data_arch(cfg, base.image_size)   # issue 19: arch by image size when not given
     spec = ModelSpec(cfg.arch, base.num_classes, base.in_channels, base.image_size, cfg.width)
     store = None
     if cfg.labels is not None and cfg.label_mode == "soft":
@@ -366,6 +373,7 @@ def run_train(cfg: TrainConfig) -> dict:
     if cfg.overwrite and os.path.exists(os.path.join(cfg.out, "train.resume")) and _dist.is_main():
         os.remove(os.path.join(cfg.out, "train.resume"))
     _dist.barrier()
+    _own_data_memory(cfg, spec, device)   # issue 19: refuse a run that cannot fit, before the first step
     res = train_student(images, labels, spec.num_classes, spec, cfg, evaluate_fn, teacher_model, store,
                         resume_path=os.path.join(cfg.out, "train.resume"))
     model = res.pop("model")
@@ -401,3 +409,20 @@ def _run_seeds(cfg: TrainConfig) -> dict:
     if _dist.is_main():
         write_json(os.path.join(cfg.out, "train_results.json"), summary)
     return summary
+
+
+def _own_data_arch(cfg: TrainConfig, image_size: int) -> TrainConfig:
+    if cfg.arch is not None:
+        return cfg
+    from .inspect_data import default_arch, say
+
+    arch, why = default_arch(image_size)
+    say(f"train: student arch {arch} ({why}).")
+    return dataclasses.replace(cfg, arch=arch)
+
+
+def _own_data_memory(cfg: TrainConfig, spec: ModelSpec, device) -> None:
+    from .inspect_data import check_memory
+
+    check_memory(spec, max(1, cfg.batch_size // cfg.grad_accumulation // _dist.world_size()), cfg.optimizer, device,
+                 "train")

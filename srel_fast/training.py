@@ -57,7 +57,9 @@ def lr_factor(step: int, total: int, warmup: int = 0, warmup_start: float = 0.01
     if step < warmup:
         return warmup_start + (1.0 - warmup_start) * step / warmup
     span = max(1, total - warmup)
-    return 0.5 * (1 + np.cos(np.pi * min(step - warmup, span) / span))
+    # a Python float, not np.float64: the lr lands in optimiser and scheduler states, which resume
+    # files hold and load with weights_only=True
+    return float(0.5 * (1 + np.cos(np.pi * min(step - warmup, span) / span)))
 
 
 def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.01):
@@ -125,17 +127,23 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
+    """The RNG states as tensors, numbers and strings only, so that a resume file loads with
+    ``torch.load(weights_only=True)`` (no numpy arrays, which would need unpickling numpy globals)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": (version, torch.tensor(words, dtype=torch.int64), gauss),
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -158,7 +166,7 @@ def load_resume_state(path: str, config: dict, model, optimizer, scheduler, gene
     A state file written under another config is refused."""
     if not os.path.exists(path):
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_resume_file(path)
     if state.get("config") != config:
         raise UserError(f"resume file {path} was written by a run with a different config; "
                         "delete it or use --overwrite to start again.")
@@ -168,3 +176,20 @@ def load_resume_state(path: str, config: dict, model, optimizer, scheduler, gene
     generator.set_state(state["generator"])
     set_rng_state(state["rng"])
     return int(state["epoch"])
+
+
+def load_resume_file(path: str) -> dict:
+    """A resume state, loaded with ``weights_only=True``: tensors, numbers, strings and plain
+    containers only (what save_resume_state writes: state dicts, generator states, rng_state()),
+    so a file planted in the output directory cannot run code when it is read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (UnpicklingError for a forbidden global, anything for a broken file)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            reason = "it holds objects other than tensors and plain containers"
+        raise UserError(f"resume file {path} cannot be loaded safely ({reason[:160]}); delete it or use "
+                        "--overwrite to start again.") from None
+    if not isinstance(state, dict):
+        raise UserError(f"resume file {path} is not a resume state; delete it or use --overwrite to start again.")
+    return state

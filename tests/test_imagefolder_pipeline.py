@@ -27,7 +27,7 @@ def test_imagefolder_pipeline(jpeg_tree, tmp_path, loader):
                                     lr=0.05, image_size=28, loader=loader, num_workers=1, device="cpu", progress=False))
     assert 0 <= res["test_accuracy"] <= 100
     meta = json.load(open(teacher + ".json"))
-    assert meta["model"]["num_classes"] == 10 and meta["model"]["in_channels"] == 3
+    assert meta["model"]["num_classes"] == 10 and meta["model"]["in_channels"] == 1   # grey JPEGs: inferred (issue 19)
     run_recover(RecoverConfig(out=str(tmp_path / "syn"), weights=teacher, ipc=1, iterations=2, device="cpu",
                               progress=False))
     assert sorted(os.listdir(tmp_path / "syn" / "00000")) == ["ipc00000.png"]
