@@ -43,7 +43,9 @@ def test_ipc_zero(digits_teacher, tmp_path, capsys):
 
 
 def test_nonfinite_loss(digits_teacher, tmp_path, capsys):
+    # SRe2L's objective from noise (the first layer x10 makes the BN term overflow at r_bn 1e38)
     code, err = run_cli(["recover", "--weights", digits_teacher[0], "--ipc", 1, "--iterations", 3, "--r-bn", 1e38,
+                         "--init", "noise", "--r-class", 0, "--first-bn-multiplier", 10,
                          "--device", "cpu", "--no-progress", "--out", tmp_path / "s"], capsys)
     assert code == 2 and _one_sentence(err) and "non-finite" in err
     assert not [f for f in os.listdir(tmp_path / "s") if f.isdigit()]

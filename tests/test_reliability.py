@@ -160,6 +160,7 @@ def test_weights_that_are_not_a_checkpoint(tmp_path, capsys):
 
 def test_skip_mode_reports_failed_batches_and_exits_nonzero(digits_teacher, tmp_path, capsys):
     code, err = run_cli(["recover", "--weights", digits_teacher[0], "--ipc", 1, "--iterations", 2, "--r-bn", 1e38,
+                         "--init", "noise", "--r-class", 0, "--first-bn-multiplier", 10,
                          "--on-nonfinite", "skip", "--device", "cpu", "--no-progress", "--out", tmp_path / "s"], capsys)
     assert code == 1 and "(ipc 0, batch 0)" in err
 
