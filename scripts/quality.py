@@ -7,7 +7,7 @@ One JSON line per (data, ipc, seed, row) in OUT/rows.jsonl; rows already there a
 so an interrupted run goes on where it stopped.
 
     python scripts/quality.py --data fashion-mnist --teacher T.pt --ipc 1,10,50 --seeds 0,1,2 --out OUT
-    python scripts/quality.py --summarize OUT [OUT ...] --json cells.json
+    python scripts/quality.py --summarize OUT|ROWS.jsonl [...] --json cells.json
 """
 from __future__ import annotations
 
@@ -109,7 +109,8 @@ def dd_ranking(full_hard: float, syn_hard: float, syn_soft: float, random_soft: 
 
 
 def summarize(dirs: list[str]) -> dict:
-    rows = [json.loads(line) for d in dirs for line in open(os.path.join(d, "rows.jsonl"))]
+    files = [d if os.path.isfile(d) else os.path.join(d, "rows.jsonl") for d in dirs]
+    rows = [json.loads(line) for f in files for line in open(f)]
     by = {}
     for r in rows:
         by.setdefault((r["data"], r["ipc"], r["row"]), {})[r["seed"]] = r

@@ -233,13 +233,13 @@ def test_auto_under_compile_takes_the_plain_op_path_with_the_same_result(monkeyp
     # attribute of that name is the op
 
     calls = []
-    real = fused_bn.fused_bn_stat_decomposed
+    real = fused_bn.fused_bn_moments_decomposed  # the plain-op moments the layer's loss is built from
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(fused_bn, "fused_bn_stat_decomposed", spy)
+    monkeypatch.setattr(fused_bn, "fused_bn_moments_decomposed", spy)
     monkeypatch.setattr(fused_bn, "plain_ops_under_compile", lambda x: torch.compiler.is_compiling())
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
