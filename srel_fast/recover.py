@@ -266,11 +266,15 @@ class RealImages:
         empty = [c for c, idx in enumerate(self.by_class) if idx.numel() == 0]
         if empty:
             raise UserError(f"--init real: the real data has no images of classes {empty}.")
+        self._order: dict[int, torch.Tensor] = {}   # class -> its seeded permutation, drawn once
 
     def index(self, class_index: int, ipc_index: int) -> int:
-        idx = self.by_class[class_index]
-        g = torch.Generator().manual_seed(job_seed(self.seed, -1, class_index))
-        return int(idx[torch.randperm(idx.numel(), generator=g)[ipc_index % idx.numel()]])
+        if class_index not in self._order:
+            idx = self.by_class[class_index]
+            g = torch.Generator().manual_seed(job_seed(self.seed, -1, class_index))
+            self._order[class_index] = idx[torch.randperm(idx.numel(), generator=g)]
+        order = self._order[class_index]
+        return int(order[ipc_index % order.numel()])
 
     def pick(self, classes: list[int], ipc_index: int) -> torch.Tensor:
         return self.images[[self.index(c, ipc_index) for c in classes]]
@@ -608,9 +612,10 @@ def real_training_data(cfg: RecoverConfig, loaded) -> tuple[torch.Tensor, torch.
     return (images * 255).round().to(torch.uint8) if images.is_floating_point() else images, labels
 
 
-def class_statistics_for(lm, cfg: RecoverConfig, real, norm: Normalization, device) -> list:
+def class_statistics_for(lm, cfg: RecoverConfig, real, device) -> list:
     """A teacher's per-class BN statistics: those squeeze stored in its checkpoint (for
-    the data it was trained on), else collected now from the real data."""
+    the data it was trained on), else collected now from the real data (normalised images,
+    labels)."""
     from .class_stats import class_stats_from_state, collect_class_statistics
 
     if lm.meta.get("class_bn_stats") is not None and cfg.data in (None, lm.meta.get("dataset")):
@@ -618,8 +623,7 @@ def class_statistics_for(lm, cfg: RecoverConfig, real, norm: Normalization, devi
     if real is None:
         raise UserError("--r-class needs the real training data: pass --data (a built-in name or an ImageFolder).")
     model = lm.model.to(device)
-    return collect_class_statistics(model, norm.normalize(real[0].to(device)), real[1].to(device),
-                                    lm.spec.num_classes)
+    return collect_class_statistics(model, real[0].to(device), real[1].to(device), lm.spec.num_classes)
 
 
 def _record_rules(record: dict, given: RecoverConfig, resolved: RecoverConfig, image_size: int,
@@ -672,9 +676,11 @@ def run_recover(cfg: RecoverConfig) -> dict:
     # rank comes first creates the tree and the others find an identical config.
     prepare_output(cfg, record)
     real = real_training_data(cfg, loaded) if (cfg.init == "real" or cfg.r_class > 0) else None
-    class_stats = ([class_statistics_for(lm, cfg, real, norm, device) for lm in teachers]
+    if real is not None:
+        real = (norm.normalize(real[0]), real[1])   # once, for the start images and the statistics
+    class_stats = ([class_statistics_for(lm, cfg, real, device) for lm in teachers]
                    if cfg.r_class > 0 else None)
-    pool = (RealImages(norm.normalize(real[0]), real[1], spec.num_classes, cfg.seed)
+    pool = (RealImages(real[0], real[1], spec.num_classes, cfg.seed)
             if cfg.init == "real" and real is not None else None)
     recoverer = Recoverer([lm.model for lm in teachers], norm, spec.image_size, spec.in_channels, cfg, device,
                           real=pool, class_stats=class_stats)
