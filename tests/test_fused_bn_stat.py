@@ -75,6 +75,30 @@ def test_fused_dy_in_other_layout_and_affine_grads(backend):
     torch.testing.assert_close(b.grad, br.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,layout", [((4, 6, 5, 3), "channels_last"), ((4, 6, 7), "contiguous")], ids=str)
+def test_eager_function_equals_the_custom_op(backend, dtype, shape, layout):
+    """Eager mode runs the kernels through an autograd.Function (no dispatcher overhead), compile
+    through the custom op srel_fast::fused_bn_stat: the same kernels, so the same bits, gradients
+    for x, weight and bias included, with groups."""
+    from srel_fast.kernels.fused_bn_stat import _FusedEager
+
+    x0, rm, rv = make_bn_input(shape, layout, dtype, seed=3)
+    w0, b0 = bn_params(shape[1], seed=4)
+    g = torch.Generator().manual_seed(5)
+    gy, gm, gv = torch.randn(shape, generator=g).to(dtype), torch.randn(2, shape[1], generator=g), torch.rand(2, shape[1], generator=g)
+    results = []
+    for run in (_FusedEager.apply, torch.ops.srel_fast.fused_bn_stat):
+        x, w, b = (t.detach().clone().requires_grad_(True) for t in (x0, w0, b0))
+        y, mean, var = run(x, rm, rv, w, b, 1e-3, 2, backend)
+        ((y.float() * gy.float()).sum() + (mean * gm).sum() + (var * gv).sum()).backward()
+        results.append((y, mean, var, x.grad, w.grad, b.grad))
+    for eager, op in zip(*results):
+        assert torch.equal(eager, op)
+    torch.library.opcheck(torch.ops.srel_fast.fused_bn_stat.default, (x0, rm, rv, w0, b0, 1e-3, 2, backend))
+
+
 def test_fused_without_affine_and_groups():
     x, rm, rv = make_bn_input((6, 4, 3, 3), "contiguous", torch.float32)
     y, loss = fused_bn_stat(x, rm, rv, None, None, 1e-5, 1.0, backend="torch", groups=3)

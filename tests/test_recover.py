@@ -159,3 +159,25 @@ def test_squeeze_checkpoint_reloads_with_same_accuracy(digits_teacher):
     loaded = load_model(path)
     acc = evaluate(loaded.model, load_builtin("digits", "test"), Normalization(loaded.mean, loaded.std), torch.device("cpu"))
     assert acc == pytest.approx(res["test_accuracy"]) and acc > 50
+
+
+def test_image_optimizer_is_fused_adam_equal_to_the_loop_update():
+    """Recoverer.optimizer: the original code's Adam(betas 0.5, 0.9), fused on the CPU too;
+    over 20 steps it follows the for-loop Adam within float rounding."""
+    from types import SimpleNamespace
+
+    from srel_fast.recover import Recoverer
+
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 2, 5, 5, generator=g)
+    grads = [torch.randn(start.shape, generator=g) for _ in range(20)]
+    ours = start.clone().requires_grad_(True)
+    opt = Recoverer.optimizer(SimpleNamespace(cfg=SimpleNamespace(lr=0.1)), ours)  # needs only cfg.lr
+    assert opt.defaults["fused"] is True
+    ref = start.clone().requires_grad_(True)
+    ref_opt = torch.optim.Adam([ref], lr=0.1, betas=(0.5, 0.9), eps=1e-8, foreach=False)
+    for grad in grads:
+        for x, o in ((ours, opt), (ref, ref_opt)):
+            x.grad = grad.clone()
+            o.step()
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=0, atol=1e-5)

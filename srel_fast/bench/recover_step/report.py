@@ -76,8 +76,9 @@ PROVIDER_DOC = {
     REFERENCE_COMPILED: "the same loss with AMP and torch.compile of model + hooks + loss (crop eager).",
     SREL_FAST: "Recoverer with the device's default fast path (srel_fast.recover.fast_path): on CUDA backend "
                "auto (under compile: BN statistics as plain ops fused by inductor, the crop kernel as a custom op), "
-               "bf16, channels_last, torch.compile, CUDA graphs, fused Adam; on the CPU the C++ kernels, fp32, "
-               "eager; per-image crops drawn on the device.",
+               "bf16, channels_last, torch.compile, CUDA graphs, fused Adam; on the CPU the C++ kernels in eager "
+               "mode, fused Adam, and bf16 with channels_last where the CPU computes bf16 natively (fp32 "
+               "otherwise); per-image crops drawn on the device.",
     "srel-fast-no-compile": "srel-fast without torch.compile / CUDA graphs.",
     "srel-fast-fp32": "srel-fast without AMP.",
     "srel-fast-torch-backend": "srel-fast with the original code's BN hooks and the per-image torch crop under "
