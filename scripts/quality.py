@@ -33,9 +33,10 @@ ROWS = ("real-hard", "real-soft", "sre2l", "srel", "srel-hard")
 def student_config(args) -> TrainConfig:
     if args.student_defaults:  # `srel-fast train` with no tuning flag (srel recipe, ConvNet-3 width 128)
         return TrainConfig(syn="", out="", val=args.data, arch="convnet3", progress=False, device="cpu",
-                           ema=args.ema, cutmix=args.cutmix)
+                           ema=args.ema, cutmix=args.cutmix, epochs=args.train_epochs)
     # The demo's student (srel-fast demo): AdamW lr 0.01, batch 50, crops 0.5-1, T 20.
-    return TrainConfig(ema=args.ema, cutmix=args.cutmix, syn="", out="", val=args.data, arch="convnet3", width=args.width, epochs=args.train_epochs,
+    return TrainConfig(ema=args.ema or 0.0, cutmix=args.cutmix or 0.0, syn="", out="", val=args.data, arch="convnet3",
+                       width=args.width, epochs=args.train_epochs or 300,
                        batch_size=50, optimizer="adamw", lr=0.01, weight_decay=0.01, min_scale=0.5, progress=False,
                        device="cpu")
 
@@ -108,17 +109,20 @@ def dd_ranking(full_hard: float, syn_hard: float, syn_soft: float, random_soft: 
     return {"HLR": 100 * hlr, "IOR": 100 * ior, "LRS": (math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1))}
 
 
-def summarize(dirs: list[str]) -> dict:
+def summarize(dirs: list[str], strip_tag: str = "") -> dict:
     files = [d if os.path.isfile(d) else os.path.join(d, "rows.jsonl") for d in dirs]
     rows = [json.loads(line) for f in files for line in open(f)]
+    if strip_tag:   # the rows of one student protocol, under the plain row names
+        rows = [dict(r, row=r["row"][:-len(strip_tag)]) for r in rows if r["row"].endswith(strip_tag)]
     by = {}
     for r in rows:
         by.setdefault((r["data"], r["ipc"], r["row"]), {})[r["seed"]] = r
     out = {"cells": [], "dd_ranking": []}
     for data in sorted({r["data"] for r in rows}):
         print(f"\n### {data}\n")
-        teacher = next(r["teacher_acc"] for r in rows if r["data"] == data)
-        print(f"Teacher (ConvNet-3 w32, full training set, hard labels): {teacher:.2f}\n")
+        teacher_row = next(r for r in rows if r["data"] == data)
+        teacher = teacher_row["teacher_acc"]
+        print(f"Teacher ({os.path.basename(teacher_row['teacher'])}, full training set, hard labels): {teacher:.2f}\n")
         ipcs = sorted({r["ipc"] for r in rows if r["data"] == data})
         print("| row | " + " | ".join(f"IPC {k}" for k in ipcs) + " |")
         print("|---|" + "---|" * len(ipcs))
@@ -172,7 +176,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--width", type=int, default=32)
-    ap.add_argument("--train-epochs", type=int, default=300)
+    ap.add_argument("--train-epochs", type=int, default=None,
+                    help="student epochs (default: 300 for the demo's student, the train stage's rule with "
+                         "--student-defaults)")
     ap.add_argument("--sre2l-iterations", type=int, default=1000)
     ap.add_argument("--srel", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a recover field of the srel row (ablations), e.g. r_class=0")
@@ -180,15 +186,17 @@ def main(argv=None) -> None:
     ap.add_argument("--student-defaults", action="store_true",
                     help="train students with `srel-fast train`'s defaults instead of the demo's student")
     ap.add_argument("--tag-all", action="store_true", help="add --tag to every row's name (other students)")
-    ap.add_argument("--ema", type=float, default=0.0, help="student EMA decay (0: off)")
-    ap.add_argument("--cutmix", type=float, default=0.0, help="student CutMix probability per batch")
+    # unset: off for the demo's student, the train stage's default with --student-defaults
+    ap.add_argument("--ema", type=float, default=None, help="student EMA decay (0: off)")
+    ap.add_argument("--cutmix", type=float, default=None, help="student CutMix probability per batch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out")
     ap.add_argument("--summarize", nargs="*", help="print the tables of these output directories")
     ap.add_argument("--json", help="with --summarize: also write the cells as JSON here")
+    ap.add_argument("--strip-tag", default="", help="with --summarize: only the rows named ROW+TAG, as ROW")
     args = ap.parse_args(argv)
     if args.summarize:
-        out = summarize(args.summarize)
+        out = summarize(args.summarize, args.strip_tag)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

@@ -27,7 +27,7 @@ from .crop_plan import CropPlanConfig, epoch_plan, make_inputs
 from .errors import UserError
 from .files import environment, read_json, write_json
 from .images import load_synthetic
-from .recipes import resolve_recipe
+from .recipes import resolve_recipe, with_student_epochs
 from .soft_labels import STORE_FORMAT, STORE_VERSION, TOPK_MODES, SoftLabelStore, index_dtype, reference_bytes
 
 
@@ -78,13 +78,14 @@ def run_relabel(cfg: RelabelConfig) -> dict:
     from .models import load_model
 
     cfg, recipe_record = resolve_recipe(cfg, "relabel")
-    if cfg.epochs <= 0:
+    if cfg.epochs is not None and cfg.epochs <= 0:   # None: srel's rule, set once the images are known
         raise UserError(f"--epochs must be positive, got {cfg.epochs}.")
     if cfg.topk_mode not in TOPK_MODES:
         raise UserError(f"--topk-mode must be 'renorm' or 'spread', got {cfg.topk_mode!r}.")
     teacher = load_model(cfg.teacher, cfg.teacher_arch, image_size=cfg.image_size, normalization=cfg.normalization)
     device = _dist.resolve_device(cfg.device)
     images, labels, _ = load_synthetic(cfg.syn, teacher, device)
+    cfg = with_student_epochs(cfg, images.shape[0], recipe_record)
     n_cls = teacher.spec.num_classes
     if cfg.topk is not None and not (0 < cfg.topk <= n_cls):
         raise UserError(f"--topk must be between 1 and the class count {n_cls}, got {cfg.topk}.")

@@ -48,7 +48,7 @@ from .errors import NonFiniteLoss, UserError
 from .files import environment, read_json, write_json
 from .images import load_synthetic
 from .models import ModelSpec, build_model, load_model, save_checkpoint
-from .recipes import apply_recipe, resolve_recipe
+from .recipes import apply_recipe, resolve_recipe, with_student_epochs
 from .crop_plan import CropPlanConfig, epoch_plan, make_inputs
 from .soft_labels import SoftLabelStore
 from .training import (LR_STEPS, evaluate, evaluate_loader, load_resume_state, make_optimizer, make_schedule,
@@ -111,7 +111,7 @@ class TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Checks of a resolved config."""
-    if cfg.epochs <= 0:
+    if cfg.epochs is not None and cfg.epochs <= 0:   # None: srel's rule, set once the images are known
         raise UserError(f"--epochs must be positive, got {cfg.epochs}.")
     if cfg.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {cfg.batch_size}.")
@@ -171,7 +171,7 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
                   cfg: TrainConfig, evaluate_fn, teacher: torch.nn.Module | None = None,
                   store: SoftLabelStore | None = None, resume_path: str | None = None) -> dict:
     """The training loop: ``images`` are normalised (N, C, H, W) on the device."""
-    cfg = apply_recipe(cfg, "train")
+    cfg = with_student_epochs(apply_recipe(cfg, "train"), images.shape[0])
     validate(cfg)
     device = images.device
     seed_everything(cfg.seed)
@@ -348,6 +348,7 @@ def run_train(cfg: TrainConfig) -> dict:
     teacher = (load_model(cfg.teacher, cfg.teacher_arch, image_size=cfg.image_size, normalization=cfg.normalization)
                if cfg.teacher else None)
     images, labels, norm = load_synthetic(cfg.syn, teacher, device)
+    cfg = with_student_epochs(cfg, images.shape[0], recipe_record)
     rec_path = os.path.join(cfg.syn, "recover_config.json")
     base = ModelSpec(**read_json(rec_path)["model"]) if os.path.exists(rec_path) else teacher.spec
     cfg = _own_data_arch(cfg, base.image_size)   # issue 19: arch by image size when not given

@@ -484,3 +484,41 @@ def test_tiny_kd_loss_is_multiplied_by_t_squared():
         F.log_softmax(out / 20.0, 1), F.log_softmax(t_logits / 20.0, 1)) * 20.0 ** 2
     torch.testing.assert_close(scaled, official, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(plain * 400.0, official, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("num_images,batch,epochs", [(100, 100, 2000), (100, 50, 1000), (10, 50, 2000),
+                                                     (500, 50, 300), (10000, 100, 300), (333, 100, 500)])
+def test_srel_student_epochs_rule(num_images, batch, epochs):
+    """srel's student length: 300 epochs, but at least 2,000 optimiser steps."""
+    assert R.srel_student_epochs(num_images, batch) == epochs
+    steps = epochs * math.ceil(num_images / batch)
+    assert steps >= R.SREL_STUDENT_MIN_STEPS and (epochs == R.SREL_STUDENT_EPOCHS or
+                                                  (epochs - 1) * math.ceil(num_images / batch) < R.SREL_STUDENT_MIN_STEPS)
+
+
+def test_relabel_and_train_share_the_epochs_rule_and_record_it(digits_teacher, tmp_path, monkeypatch):
+    """With no --epochs, relabel and train both take the rule's epochs for the synthetic set's size
+    (so a store made with the defaults covers a student trained with the defaults); an explicit
+    --epochs wins; the paper recipes keep their fixed epochs. The rule is scaled down here
+    (4 epochs, at least 10 steps) to keep the test short."""
+    from srel_fast.relabel import run_relabel
+    from srel_fast.train import run_train
+
+    monkeypatch.setattr(R, "SREL_STUDENT_EPOCHS", 4)
+    monkeypatch.setattr(R, "SREL_STUDENT_MIN_STEPS", 10)
+    syn = tmp_path / "syn"
+    run_recover(RecoverConfig(out=str(syn), weights=digits_teacher[0], ipc=1, iterations=2, device="cpu",
+                              progress=False))   # 10 images: 2 batches of 8 an epoch -> 5 epochs
+    common = dict(syn=str(syn), batch_size=8, cutmix=0.0, device="cpu", progress=False)
+    run_relabel(RelabelConfig(out=str(tmp_path / "labels"), teacher=digits_teacher[0], **common))
+    store_meta = json.load(open(tmp_path / "labels" / "labels.json"))
+    assert store_meta["epochs"] == 5
+    run_train(TrainConfig(out=str(tmp_path / "st"), val="digits", arch="convnet3", width=8,
+                          labels=str(tmp_path / "labels"), **common))
+    saved = json.load(open(tmp_path / "st" / "train_results.json"))
+    assert saved["config"]["epochs"] == 5 and saved["recipe"]["from_recipe"]["epochs"] == 5
+    explicit = TrainConfig(syn="", out="", val="", arch="", epochs=3, batch_size=8)
+    assert R.with_student_epochs(R.apply_recipe(explicit, "train"), 10).epochs == 3
+    for paper in ("sre2l-imagenet", "sre2l-tiny"):
+        cfg = R.apply_recipe(TrainConfig(syn="", out="", val="", arch="", recipe=paper), "train")
+        assert R.with_student_epochs(cfg, 10).epochs == R.RECIPES[paper].values["train"]["epochs"]
