@@ -31,10 +31,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from srel_fast.kernels import BACKENDS
 
 from . import distributed as _dist
 from .augment import JITTER_RANGES, CropParams, apply_crops, draw_crop_params
-from .bn_matching import bn_matching
+from .bn_matching import BN_MATCHINGS, bn_matching
 from .data import Normalization, check_data_path, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
 from .files import append_jsonl, environment, read_json, read_jsonl, write_json
@@ -82,7 +83,8 @@ class RecoverConfig:
                                        # (default: the data set the --weights checkpoint was trained on)
     # The fast path: speed switches; each can be turned off on its own to measure what it brings.
     # None: the device's fast path (FAST_PATH, resolve_speed).
-    backend: str | None = None         # torch (the original code's hooks) | auto | triton | cuda | cpu
+    bn_matching: str | None = None     # the BN term: hooks (the original code's forward hooks) | fused (kernels)
+    backend: str = "auto"              # kernel backend (srel_fast.kernels): auto | torch | triton | cuda | cpu
     amp: str | None = None             # none | bf16 | fp16 autocast of the model (statistics stay fp32)
     channels_last: bool | None = None
     compile: bool | None = None        # torch.compile of the loss (model, BN term, augmentation)
@@ -102,7 +104,7 @@ class RecoverConfig:
         "max_scale", "crop_mode", "class_layout", "image_format", "jpeg_quality", "pixel_rounding",
         "normalization", "image_size", "init", "r_class", "class_images", "crop_curriculum")
     SPEED_SWITCHES: ClassVar[tuple[str, ...]] = (
-        "backend", "amp", "channels_last", "compile", "cuda_graphs", "group_batches", "check_every")
+        "bn_matching", "backend", "amp", "channels_last", "compile", "cuda_graphs", "group_batches", "check_every")
 
     def resolved(self, image_size: int, real_data: bool = False) -> "RecoverConfig":
         """Every value filled: the recipe's, then the resolution rules for what it leaves open
@@ -129,9 +131,9 @@ class RecoverConfig:
 #   default layout otherwise, where bf16 is emulated and slower); compiling made the step
 #   slower there (58.4 vs 54.6 ms per image-iteration in fp32).
 FAST_PATH = {
-    "cuda": {"backend": "auto", "amp": "bf16", "channels_last": True, "compile": True, "cuda_graphs": True},
-    "cpu": {"backend": "auto", "amp": "none", "channels_last": False, "compile": False, "cuda_graphs": False},
-    "cpu-bf16": {"backend": "auto", "amp": "bf16", "channels_last": True, "compile": False, "cuda_graphs": False},
+    "cuda": {"bn_matching": "fused", "amp": "bf16", "channels_last": True, "compile": True, "cuda_graphs": True},
+    "cpu": {"bn_matching": "fused", "amp": "none", "channels_last": False, "compile": False, "cuda_graphs": False},
+    "cpu-bf16": {"bn_matching": "fused", "amp": "bf16", "channels_last": True, "compile": False, "cuda_graphs": False},
 }
 
 
@@ -211,6 +213,10 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"crop scale range must satisfy 0 < min <= max <= 1, got {cfg.min_scale}..{cfg.max_scale}.")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"--on-nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}.")
+    if cfg.bn_matching is not None and cfg.bn_matching not in BN_MATCHINGS:
+        raise UserError(f"--bn-matching must be {' or '.join(BN_MATCHINGS)}, got {cfg.bn_matching!r}.")
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}.")
     if cfg.amp is not None and cfg.amp not in ("none", "bf16", "fp16"):
         raise UserError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}.")
     if cfg.group_batches <= 0:
@@ -325,8 +331,9 @@ class Recoverer:
         self.device = device
         self.lo, self.hi = norm.clamp_bounds(device)
         self.per_image = cfg.crop_mode == "image"
-        # One batch-wide crop through a single slice + interpolate: the original code's
-        # way. It reads the box on the host, so the compiled path uses the kernel instead.
+        # With the plain-PyTorch kernels (backend torch), one batch-wide crop is a single slice +
+        # interpolate: the original code's way. It reads the box on the host, so the compiled
+        # path uses the kernel instead.
         self.shared_ref = (not self.per_image and cfg.backend == "torch" and not cfg.compile
                            and cfg.group_batches == 1)
         self.group_size = 0  # images per recovery batch when several batches share a launch
@@ -354,7 +361,8 @@ class Recoverer:
         return True
 
     def __enter__(self) -> "Recoverer":
-        self.stats = [self._stack.enter_context(bn_matching(m, self.cfg.first_bn_multiplier, self.cfg.backend))
+        cfg = self.cfg
+        self.stats = [self._stack.enter_context(bn_matching(m, cfg.first_bn_multiplier, cfg.bn_matching, cfg.backend))
                       for m in self.models]
         self.terms = []
         if self.class_aware:
@@ -538,6 +546,14 @@ class Recoverer:
                 for k, (classes, i, b) in enumerate(jobs)]
 
 
+def _upgrade_config(config: dict) -> dict:
+    """A recover_config.json of an older version in today's fields: before --bn-matching,
+    ``backend: torch`` meant the original code's hooks with the plain-PyTorch kernels."""
+    if "bn_matching" in config:
+        return config
+    return dict(config, bn_matching="hooks" if config.get("backend") == "torch" else "fused")
+
+
 def _semantic(cfg_dict: dict) -> dict:
     return {k: v for k, v in cfg_dict.items() if k not in _RUN_ONLY_FIELDS}
 
@@ -559,9 +575,9 @@ def prepare_output(cfg: RecoverConfig, record: dict) -> None:
         elif not os.path.exists(config_path):
             raise UserError(f"output directory {cfg.out} is not empty and holds no recovery run; choose another --out.")
         else:
-            old = read_json(config_path)
-            if _semantic(old["config"]) != _semantic(record["config"]):
-                diff = sorted(k for k in _semantic(record["config"]) if old["config"].get(k) != record["config"].get(k))
+            old = _upgrade_config(read_json(config_path)["config"])
+            if _semantic(old) != _semantic(record["config"]):
+                diff = sorted(k for k in _semantic(record["config"]) if old.get(k) != record["config"].get(k))
                 raise UserError(f"output directory {cfg.out} holds a recovery run with a different config "
                                 f"({', '.join(diff)}); use another --out or --overwrite.")
             return
@@ -652,10 +668,6 @@ def run_recover(cfg: RecoverConfig) -> dict:
     cfg = cfg.resolved(spec.image_size, real_data=real_known)
     _record_rules(recipe_record, given, cfg, spec.image_size, real_known)
     validate(cfg)
-    from srel_fast.kernels import BACKENDS
-
-    if cfg.backend is not None and cfg.backend not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}.")
     device = _dist.resolve_device(cfg.device)
     cfg = resolve_speed(cfg, device)
     norm = Normalization(loaded.mean, loaded.std)

@@ -131,7 +131,7 @@ def test_cli_lists_recipes_and_separates_speed_from_algorithm():
     speed = h[h.index("\nspeed switches:"):h.index("\nrun:")]
     for flag in ("--recipe", "--class-layout", "--crop-mode", "--jitter-range", "--image-format", "--lr", "--r-bn"):
         assert flag in algorithm and flag not in speed, flag
-    for flag in ("--backend", "--amp", "--channels-last", "--compile", "--cuda-graphs", "--group-batches"):
+    for flag in ("--bn-matching", "--backend", "--amp", "--channels-last", "--compile", "--cuda-graphs", "--group-batches"):
         assert flag in speed and flag not in algorithm, flag
 
 

@@ -54,7 +54,8 @@ class SrelFastRecovery:
         self.images_per_iteration = batch
 
     def settings(self) -> dict:
-        keys = ("amp", "channels_last", "compile", "cuda_graphs", "backend", "crop_mode", "check_every")
+        keys = ("amp", "channels_last", "compile", "cuda_graphs", "bn_matching", "backend", "crop_mode",
+                "check_every")
         return {k: getattr(self.cfg, k) for k in keys}
 
     def step(self, it: int) -> torch.Tensor:
