@@ -489,9 +489,6 @@ class Recoverer:
             x.clamp_(self.lo, self.hi)
         return loss, ce, bn
 
-    def run_batch(self, classes: list[int], ipc_index: int, batch_index: int, on_iteration=None) -> BatchResult:
-        return self.run_group([(classes, ipc_index, batch_index)], on_iteration)[0]
-
     def run_group(self, jobs: list[tuple[list[int], int, int]], on_iteration=None) -> list[BatchResult]:
         """Recover several batches (classes, ipc index, batch index) of equal size in one
         stacked tensor. Adam and the clamp act per element and the BN term is computed

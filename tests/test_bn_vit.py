@@ -113,7 +113,7 @@ def test_checkpoint_recovers_with_reference_and_fused(vit_teacher, backend):
                             bn_matching="hooks" if b == "torch" else "fused", backend=b, crop_mode="image",
                             amp="none", channels_last=False).resolved(8)
         with Recoverer(loaded.model, Normalization(loaded.mean, loaded.std), 8, 1, cfg, torch.device("cpu")) as rec:
-            runs[b] = rec.run_batch(list(range(10)), 0, 0)
+            runs[b] = rec.run_group([(list(range(10)), 0, 0)])[0]
     assert runs["torch"].status == runs[backend].status == "ok"
     assert runs[backend].bn == pytest.approx(runs["torch"].bn, rel=1e-4, abs=1e-5)
     torch.testing.assert_close(runs[backend].images, runs["torch"].images, atol=1e-4, rtol=0)

@@ -24,7 +24,7 @@ def _run(teacher, iterations=5, **kw):
     cfg = cfg.resolved(loaded.spec.image_size)
     with Recoverer(loaded.model, Normalization(loaded.mean, loaded.std), loaded.spec.image_size,
                    loaded.spec.in_channels, cfg, torch.device("cpu")) as rec:
-        return rec.run_batch(list(range(10)), 0, 0)
+        return rec.run_group([(list(range(10)), 0, 0)])[0]
 
 
 @needs_ext
