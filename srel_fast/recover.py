@@ -38,7 +38,8 @@ from .augment import JITTER_RANGES, CropParams, apply_crops, draw_crop_params
 from .bn_matching import BN_MATCHINGS, bn_matching
 from .data import Normalization, check_data_path, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
-from .files import append_jsonl, environment, read_json, read_jsonl, write_json
+from .files import (REPLACE, RESUME, append_jsonl, check_output, config_differences, environment, read_jsonl,
+                    write_json)
 from .images import IMAGE_FORMATS, PIXEL_ROUNDINGS, image_path, save_image
 from .models import MEAN_STD, load_model, require_batchnorm
 from .recipes import apply_recipe, get_recipe, resolve_recipe
@@ -105,6 +106,10 @@ class RecoverConfig:
         "normalization", "image_size", "init", "r_class", "class_images", "crop_curriculum")
     SPEED_SWITCHES: ClassVar[tuple[str, ...]] = (
         "bn_matching", "backend", "amp", "channels_last", "compile", "cuda_graphs", "group_batches", "check_every")
+    # Fields that may differ between runs writing into the same output tree (the recipe's
+    # name is provenance: the resolved values are compared).
+    RUN_ONLY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "ipc_start", "ipc_end", "overwrite", "progress", "device", "out", "on_nonfinite", "recipe")
 
     def resolved(self, image_size: int, real_data: bool = False) -> "RecoverConfig":
         """Every value filled: the recipe's, then the resolution rules for what it leaves open
@@ -161,11 +166,6 @@ def resolve_speed(cfg: "RecoverConfig", device: torch.device) -> "RecoverConfig"
     if get_recipe(cfg.recipe).official_arithmetic:
         fast["amp"] = "none"
     return dataclasses.replace(cfg, **{k: v for k, v in fast.items() if getattr(cfg, k) is None})
-
-
-# Fields that may differ between runs writing into the same output tree (the recipe's
-# name is provenance: the resolved values are compared).
-_RUN_ONLY_FIELDS = ("ipc_start", "ipc_end", "overwrite", "progress", "device", "out", "on_nonfinite", "recipe")
 
 
 @dataclass
@@ -551,33 +551,16 @@ def _upgrade_config(config: dict) -> dict:
     return dict(config, bn_matching="hooks" if config.get("backend") == "torch" else "fused")
 
 
-def _semantic(cfg_dict: dict) -> dict:
-    return {k: v for k, v in cfg_dict.items() if k not in _RUN_ONLY_FIELDS}
-
-
-def prepare_output(cfg: RecoverConfig, record: dict) -> None:
-    """Create or re-open the output tree; refuse one that holds another run."""
+def prepare_output(cfg: RecoverConfig, record: dict, processes: int = 1) -> None:
+    """Create, resume or (--overwrite) replace the output tree (srel_fast.files.check_output)."""
     config_path = os.path.join(cfg.out, "recover_config.json")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise UserError(f"output path {cfg.out} exists and is not a directory.")
-    # another rank's config being written (atomic_path's temporary file) does not make the tree foreign
-    entries = os.path.isdir(cfg.out) and [f for f in os.listdir(cfg.out)
-                                          if not (f.startswith(".recover_config.json.") and f.endswith(".tmp"))]
-    if entries:
-        if cfg.overwrite:
-            if not os.path.exists(config_path):
-                raise UserError(f"output directory {cfg.out} holds files that are not a recovery run; "
-                                "refusing to delete them even with --overwrite.")
-            shutil.rmtree(cfg.out)
-        elif not os.path.exists(config_path):
-            raise UserError(f"output directory {cfg.out} is not empty and holds no recovery run; choose another --out.")
-        else:
-            old = _upgrade_config(read_json(config_path)["config"])
-            if _semantic(old) != _semantic(record["config"]):
-                diff = sorted(k for k in _semantic(record["config"]) if old.get(k) != record["config"].get(k))
-                raise UserError(f"output directory {cfg.out} holds a recovery run with a different config "
-                                f"({', '.join(diff)}); use another --out or --overwrite.")
-            return
+    action = check_output(cfg.out, cfg.overwrite, record=config_path, what="recovery run", processes=processes,
+                          differences=lambda old: config_differences(_upgrade_config(old["config"]), record["config"],
+                                                                     RecoverConfig.RUN_ONLY_FIELDS))
+    if action == RESUME:
+        return
+    if action == REPLACE:
+        shutil.rmtree(cfg.out)
     os.makedirs(cfg.out, exist_ok=True)
     write_json(config_path, record)
 
@@ -679,11 +662,9 @@ def run_recover(cfg: RecoverConfig) -> dict:
         "teacher_test_accuracy": loaded.meta.get("test_accuracy"),
     }
     rank, world = _rank_world()
-    if world > 1 and cfg.overwrite:
-        raise UserError("--overwrite cannot be combined with several processes; clear the output directory first.")
     # Every rank checks (or writes) the config before writing anything, so whichever
     # rank comes first creates the tree and the others find an identical config.
-    prepare_output(cfg, record)
+    prepare_output(cfg, record, processes=world)
     real = real_training_data(cfg, loaded) if (cfg.init == "real" or cfg.r_class > 0) else None
     if real is not None:
         real = (norm.normalize(real[0]), real[1])   # once, for the start images and the statistics

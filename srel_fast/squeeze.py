@@ -35,12 +35,12 @@ from .augment import CropParams, apply_crops, draw_crop_params
 from .class_stats import class_stats_to_state, collect_class_statistics
 from .data import Normalization, check_data_path, dataset_normalization, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
-from .files import environment, write_json
+from .files import check_output, environment, result_config, write_json
 from .models import MEAN_STD, ModelSpec, build_model, require_batchnorm, save_checkpoint
 from .recipes import SREL_DEFAULT_SQUEEZE, SREL_SMALL_DATA_SQUEEZE, resolve_recipe
 from .inspect_data import check_memory, choose_for_folder, default_arch, fit_batch_size, peak_rss_bytes, say, split_dirs
-from .training import (LR_STEPS, evaluate, evaluate_loader, load_resume_state, make_optimizer, make_schedule,
-                       save_resume_state, seed_everything)
+from .training import (LR_STEPS, discard_resume_state, evaluate, evaluate_loader, load_resume_state,
+                       make_optimizer, make_schedule, save_resume_state, seed_everything)
 
 NORMALIZATIONS = ("auto", "dataset", *MEAN_STD)   # auto: the data set's own; imagenet for ImageNet-sized folders
 VAL_RESIZES = ("resize-crop", "none")
@@ -81,6 +81,9 @@ class SqueezeConfig:
     RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
         "epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "min_scale", "lr_step",
         "warmup_epochs", "warmup_start_factor", "normalization", "image_size", "val_resize", "augment")
+    # Fields that do not decide whether an interrupted run may resume (the recipe's name is
+    # provenance: the resolved values are compared).
+    RUN_ONLY_FIELDS: ClassVar[tuple[str, ...]] = ("overwrite", "progress", "device", "num_workers", "recipe")
 
 
 def validate(cfg: SqueezeConfig) -> None:
@@ -91,8 +94,7 @@ def validate(cfg: SqueezeConfig) -> None:
         raise UserError(f"--batch-size must be positive, got {cfg.batch_size}.")
     if not cfg.out.endswith(".pt"):
         raise UserError(f"--out must name a .pt checkpoint file, got {cfg.out}.")
-    if os.path.exists(cfg.out) and not cfg.overwrite:
-        raise UserError(f"checkpoint {cfg.out} already exists; use --overwrite to replace it.")
+    check_output(cfg.out, cfg.overwrite)
     if cfg.lr_step not in LR_STEPS:
         raise UserError(f"--lr-step must be {' or '.join(LR_STEPS)}, got {cfg.lr_step!r}.")
     if cfg.warmup_epochs < 0:
@@ -161,10 +163,7 @@ def run_squeeze(cfg: SqueezeConfig) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     config_dict = dataclasses.asdict(cfg)
     resume_path = cfg.out + ".resume"
-    _dist.barrier()  # every rank has checked the output before rank 0 touches it
-    if cfg.overwrite and os.path.exists(resume_path) and _dist.is_main():
-        os.remove(resume_path)
-    _dist.barrier()
+    discard_resume_state(resume_path, cfg.overwrite)
     start_epoch = load_resume_state(resume_path, _resume_key(config_dict), model, optimizer, scheduler, gen)
     bar = None
     if cfg.progress and _dist.is_main():
@@ -232,8 +231,7 @@ def _named(cfg: SqueezeConfig, channels: int) -> Normalization:
 
 
 def _resume_key(config: dict) -> dict:
-    # The recipe's name is provenance: the resolved values decide whether a run may resume.
-    return {k: v for k, v in config.items() if k not in ("overwrite", "progress", "device", "num_workers", "recipe")}
+    return result_config(config, SqueezeConfig.RUN_ONLY_FIELDS)
 
 
 def _builtin_batches(train, cfg: SqueezeConfig, norm: Normalization, gen: torch.Generator, device,

@@ -45,14 +45,14 @@ import torch.nn.functional as F
 from . import distributed as _dist
 from .data import Normalization, check_data_path, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
-from .files import environment, read_json, write_json
+from .files import check_output, environment, read_json, result_config, write_json
 from .images import load_synthetic
 from .models import ModelSpec, build_model, load_model, save_checkpoint
 from .recipes import apply_recipe, resolve_recipe
 from .crop_plan import CropPlanConfig, epoch_plan, make_inputs
 from .soft_labels import SoftLabelStore
-from .training import (LR_STEPS, evaluate, evaluate_loader, load_resume_state, make_optimizer, make_schedule,
-                       parameter_groups, save_resume_state, seed_everything)
+from .training import (LR_STEPS, discard_resume_state, evaluate, evaluate_loader, load_resume_state,
+                       make_optimizer, make_schedule, parameter_groups, save_resume_state, seed_everything)
 
 VAL_RESIZES = ("resize-crop", "none")
 
@@ -103,6 +103,9 @@ class TrainConfig:
         "max_scale", "cutmix", "lr_step", "warmup_epochs", "warmup_start_factor", "decay_bn_bias",
         "grad_accumulation", "kd_t2", "val_resize", "normalization", "image_size", "ema")
     ALGORITHM_FLAGS: ClassVar[tuple[str, ...]] = ("label_mode",)
+    # Fields that do not decide whether an interrupted run may resume (the recipe's name is
+    # provenance: the resolved values are compared).
+    RUN_ONLY_FIELDS: ClassVar[tuple[str, ...]] = ("overwrite", "progress", "device", "loader", "out", "recipe")
 
     def plan(self) -> CropPlanConfig:
         cfg = apply_recipe(self, "train")
@@ -307,9 +310,7 @@ def _student_loss(out, x, pb, rows, row, labels, cfg: TrainConfig, epoch, teache
 
 
 def _resume_key(cfg: TrainConfig) -> dict:
-    # The recipe's name is provenance: the resolved values decide whether a run may resume.
-    d = dataclasses.asdict(cfg)
-    return {k: v for k, v in d.items() if k not in ("overwrite", "progress", "device", "loader", "out", "recipe")}
+    return result_config(dataclasses.asdict(cfg), TrainConfig.RUN_ONLY_FIELDS)
 
 
 def make_evaluator(val: str, norm: Normalization, image_size: int, device, loader: str = "auto", seed: int = 0,
@@ -365,14 +366,10 @@ def run_train(cfg: TrainConfig) -> dict:
     else:
         teacher_model = teacher.model if teacher is not None else None
     final = os.path.join(cfg.out, "student.pt")
-    if os.path.exists(final) and not cfg.overwrite:
-        raise UserError(f"{final} already exists; use --overwrite to train again.")
+    check_output(final, cfg.overwrite)
     evaluate_fn = make_evaluator(cfg.val, norm, spec.image_size, device, cfg.loader, cfg.seed, cfg.val_resize)
     os.makedirs(cfg.out, exist_ok=True)
-    _dist.barrier()  # every rank has checked the output before rank 0 touches it
-    if cfg.overwrite and os.path.exists(os.path.join(cfg.out, "train.resume")) and _dist.is_main():
-        os.remove(os.path.join(cfg.out, "train.resume"))
-    _dist.barrier()
+    discard_resume_state(os.path.join(cfg.out, "train.resume"), cfg.overwrite)
     _own_data_memory(cfg, spec, device)   # issue 19: refuse a run that cannot fit, before the first step
     res = train_student(images, labels, spec.num_classes, spec, cfg, evaluate_fn, teacher_model, store,
                         resume_path=os.path.join(cfg.out, "train.resume"))

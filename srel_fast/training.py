@@ -161,6 +161,17 @@ def save_resume_state(path: str, epoch: int, model, optimizer, scheduler, genera
     }, path)
 
 
+def discard_resume_state(path: str, overwrite: bool) -> None:
+    """--overwrite starts a run again: rank 0 deletes an interrupted run's resume file once every
+    rank has checked the output (srel_fast.files.check_output)."""
+    from . import distributed as _dist
+
+    _dist.barrier()
+    if overwrite and os.path.exists(path) and _dist.is_main():
+        os.remove(path)
+    _dist.barrier()
+
+
 def load_resume_state(path: str, config: dict, model, optimizer, scheduler, generator: torch.Generator) -> int:
     """Restore an interrupted run; returns the number of finished epochs.
     A state file written under another config is refused."""
