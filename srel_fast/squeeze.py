@@ -39,8 +39,10 @@ from .files import check_output, environment, result_config, write_json
 from .models import MEAN_STD, ModelSpec, build_model, require_batchnorm, save_checkpoint
 from .recipes import SREL_DEFAULT_SQUEEZE, SREL_SMALL_DATA_SQUEEZE, resolve_recipe
 from .inspect_data import check_memory, choose_for_folder, default_arch, fit_batch_size, peak_rss_bytes, say, split_dirs
-from .training import (LR_STEPS, discard_resume_state, evaluate, evaluate_loader, load_resume_state,
-                       make_optimizer, make_schedule, save_resume_state, seed_everything)
+from .evaluation import evaluate, evaluate_loader
+from .optimizers import LR_STEPS, make_optimizer, make_schedule
+from .resume import discard_resume_state, load_resume_state, save_resume_state
+from .seeds import seed_everything
 
 NORMALIZATIONS = ("auto", "dataset", *MEAN_STD)   # auto: the data set's own; imagenet for ImageNet-sized folders
 VAL_RESIZES = ("resize-crop", "none")

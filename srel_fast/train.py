@@ -51,8 +51,10 @@ from .models import ModelSpec, build_model, load_model, save_checkpoint
 from .recipes import apply_recipe, resolve_recipe
 from .crop_plan import CropPlanConfig, epoch_plan, make_inputs
 from .soft_labels import SoftLabelStore
-from .training import (LR_STEPS, discard_resume_state, evaluate, evaluate_loader, load_resume_state,
-                       make_optimizer, make_schedule, parameter_groups, save_resume_state, seed_everything)
+from .evaluation import evaluate, evaluate_loader
+from .optimizers import LR_STEPS, make_optimizer, make_schedule, parameter_groups
+from .resume import discard_resume_state, load_resume_state, save_resume_state
+from .seeds import seed_everything
 
 VAL_RESIZES = ("resize-crop", "none")
 

@@ -33,7 +33,8 @@ from srel_fast.crop_plan import epoch_plan, make_inputs
 from srel_fast.relabel import RelabelConfig
 from srel_fast.squeeze import SqueezeConfig
 from srel_fast.train import TrainConfig, make_evaluator, make_student_optimizer, train_student
-from srel_fast.training import make_schedule, seed_everything
+from srel_fast.optimizers import make_schedule
+from srel_fast.seeds import seed_everything
 
 TINY_MEAN, TINY_STD = TINY_IMAGENET_MEAN_STD
 CONFIGS = {"squeeze": SqueezeConfig, "recover": RecoverConfig, "relabel": RelabelConfig, "train": TrainConfig}

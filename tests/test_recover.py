@@ -178,7 +178,7 @@ def test_recover_bad_ranges(digits_teacher, tmp_path, kw, msg):
 
 def test_squeeze_checkpoint_reloads_with_same_accuracy(digits_teacher):
     from srel_fast.data import Normalization, load_builtin
-    from srel_fast.training import evaluate
+    from srel_fast.evaluation import evaluate
 
     path, res = digits_teacher
     loaded = load_model(path)
