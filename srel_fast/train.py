@@ -187,37 +187,25 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
         teacher = teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    n = images.shape[0]
-    steps_per_epoch = -(-n // cfg.batch_size)
+    steps_per_epoch = -(-images.shape[0] // cfg.batch_size)
     optimizer = make_student_optimizer(model, cfg)
     scheduler = make_schedule(optimizer, cfg.lr_step, cfg.epochs, steps_per_epoch, cfg.warmup_epochs,
                               cfg.warmup_start_factor)
     gen = torch.Generator().manual_seed(cfg.seed)
     key = _resume_key(cfg)
     start_epoch = load_resume_state(resume_path, key, model, optimizer, scheduler, gen) if resume_path else 0
-    size = (spec.image_size, spec.image_size)
     bar = None
     if cfg.progress and _dist.is_main():
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="train", unit="epoch", dynamic_ncols=True, file=sys.stderr)
     t0 = time.perf_counter()
-    step = StudentStep(net, optimizer, images, labels, cfg, size, teacher, store, rank, world)
+    step = StudentStep(net, optimizer, images, labels, cfg, (spec.image_size, spec.image_size), teacher, store,
+                       rank, world)
     # The EMA restarts with a resumed run (it is not part of the resume state).
     ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        row = 0
-        epoch_loss = 0.0
-        for pb in epoch_plan(cfg.plan(), epoch, n, images.shape[2], images.shape[3]):
-            epoch_loss += step(pb, row, epoch)
-            if ema is not None:
-                ema.update(model)
-            row += len(pb.indices)
-            if cfg.lr_step == "iteration":
-                scheduler.step()
-        if cfg.lr_step == "epoch":
-            scheduler.step()
+        epoch_loss = _one_epoch(step, epoch, scheduler, ema)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{epoch_loss / steps_per_epoch:.4f}")
@@ -229,6 +217,24 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
         model = ema.model
     acc = evaluate_fn(model)
     return {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "model": model}
+
+
+def _one_epoch(step: "StudentStep", epoch: int, scheduler, ema: WeightEMA | None) -> float:
+    """One pass over the epoch's planned batches (crop_plan.epoch_plan); returns the summed loss."""
+    cfg, images, model = step.cfg, step.images, _dist.unwrap(step.net)
+    model.train()
+    row = 0
+    epoch_loss = 0.0
+    for pb in epoch_plan(cfg.plan(), epoch, images.shape[0], images.shape[2], images.shape[3]):
+        epoch_loss += step(pb, row, epoch)
+        if ema is not None:
+            ema.update(model)
+        row += len(pb.indices)
+        if cfg.lr_step == "iteration":
+            scheduler.step()
+    if cfg.lr_step == "epoch":
+        scheduler.step()
+    return epoch_loss
 
 
 class StudentStep:
