@@ -92,7 +92,7 @@ if [ "$DRY" = 1 ]; then
   CLI_ARGS="--arch convnet3 --num-classes 4 --image-size 16 --ipc 1 --iterations 3 --batch-size 4 --device cpu"
 else
   SMALL="--warmup 3 --repeats 10"
-  R18="${R18:-reference,reference-compiled,srel-fast,srel-fast-custom-ops,srel-fast-torch-backend,floor}"
+  R18="${R18:-reference,reference-compiled,srel-fast,srel-fast-custom-ops,srel-fast-hooks,floor}"
   CONV="${CONV:-reference,srel-fast,dm-ipc1,mtt-ipc1,dm,mtt}"
   R50="${R50:-reference,srel-fast,floor}"
   PROFILE="${PROFILE:-srel-fast,floor}"

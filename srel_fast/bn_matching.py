@@ -2,12 +2,15 @@
 
     L_bn = sum_l w_l * ( ||var_l - rv_l||_2 + ||mu_l - rm_l||_2 ),  w_0 = first_bn_multiplier, w_l = 1
 
-``backend="torch"`` is the original SRe2L code's way, kept as the reference:
-a forward hook per BN layer that computes the mean and a permuted,
-contiguous copy for the variance. Every other backend swaps the model's BN
-layers for the fused eval-mode BN of srel_fast.kernels, which computes the
-statistics in the same read of the input and folds both backwards into one
-elementwise pass.
+Two ways to compute it (``matching``, the recover stage's ``--bn-matching``):
+
+- ``hooks``: the original SRe2L code's way, kept as the reference: a forward
+  hook per BN layer that computes the mean and a permuted, contiguous copy for
+  the variance;
+- ``fused``: the model's BN layers are swapped for the fused eval-mode BN of
+  srel_fast.kernels, which computes the statistics in the same read of the
+  input and folds both backwards into one elementwise pass; ``backend`` is its
+  kernel backend (srel_fast.kernels.BACKENDS).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from torch import nn
 
 from .class_stats import image_moments
 from .models import bn_layers
+
+BN_MATCHINGS = ("hooks", "fused")   # the original code's forward hooks | the fused BN kernels
 
 
 class _ReferenceBNHook:
@@ -74,14 +79,17 @@ class ReferenceBNMatching:
 
 
 @contextlib.contextmanager
-def bn_matching(model: nn.Module, first_bn_multiplier: float = 10.0, backend: str = "torch") -> Iterator:
+def bn_matching(model: nn.Module, first_bn_multiplier: float = 10.0, matching: str = "hooks",
+                backend: str = "auto") -> Iterator:
     """Context in which ``model``'s forward records the BN statistics term;
     ``.loss()`` of the yielded object returns it for the last forward, summed
     over the independent batches stacked along N (``set_groups(g)``). With
     ``set_moments_loss(fn)`` each layer's term is ``fn(layer, mean, var, weight)``
     of the per-image moments of its input (``set_groups(N)`` for N images on the
     fused path); ``.layers`` are the BN modules in module order."""
-    if backend == "torch":
+    if matching not in BN_MATCHINGS:
+        raise ValueError(f"matching must be one of {BN_MATCHINGS}, got {matching!r}")
+    if matching == "hooks":
         ref = ReferenceBNMatching(model, first_bn_multiplier)
         try:
             yield ref

@@ -24,7 +24,7 @@ HELP = {
     "progress": "show progress bars",
     "arch": "model name (our names or any torchvision classification model); squeeze/train: by image size when "
             "left out (convnet3 < 64 px, resnet18-small < 128 px, else resnet18)",
-    "backend": "kernel backend: torch (reference), auto, triton, cuda, cpu",
+    "backend": "kernel backend (srel_fast.kernels): auto, torch (plain PyTorch), triton, cuda, cpu",
     "loader": "ImageFolder loader: auto, dali or torch", "num_workers": "data loader workers",
     "width": "ConvNet width", "epochs": "training epochs",
     # squeeze
@@ -73,7 +73,8 @@ HELP = {
     "decay_bn_bias": "weight decay on BN parameters and biases too (off: the official ImageNet student)",
     "grad_accumulation": "micro-batches per optimiser step; BatchNorm sees batch-size / this",
     "kd_t2": "multiply the KL loss by T^2 (the official Tiny-ImageNet student)",
-    "backend": "kernel backend: torch (reference), auto, triton, cuda, cpu",
+    "bn_matching": "the BN statistics term: fused (the fused BN kernels) or hooks (the original code's forward "
+                   "hooks, the reference)",
     "amp": "autocast of the model: none, bf16 or fp16 (BN statistics stay fp32)",
     "channels_last": "channels-last memory layout", "compile": "torch.compile the loss",
     "cuda_graphs": "with --compile on CUDA: replay the step as CUDA graphs",

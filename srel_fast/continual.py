@@ -248,7 +248,7 @@ def _train_steps(cfg: ContinualConfig, steps_list: list[int], modes: list[str], 
     from .distributed import main_print
     from .models import ModelSpec
     from .train import TrainConfig, train_student
-    from .training import evaluate
+    from .evaluation import evaluate
 
     k = train.num_classes
     spec_base = teacher.spec if teacher is not None else ModelSpec(cfg.arch, k, train.channels, train.image_size, cfg.width)

@@ -1,4 +1,5 @@
-"""Atomic, crash-safe file writes and small JSON helpers.
+"""Atomic, crash-safe file writes, small JSON helpers, and what a stage does with an existing
+output (``check_output``: the rules of --overwrite and resuming, the same for every stage).
 
 Every file a stage produces is written to a temporary name in the same
 directory, fsynced and renamed over the final name, so an interrupted run
@@ -14,6 +15,8 @@ import os
 import platform
 import tempfile
 from typing import Any, Callable, Iterator
+
+from .errors import UserError
 
 
 def _fsync_dir(path: str) -> None:
@@ -140,3 +143,63 @@ def environment() -> dict:
 
     env["srel_fast"] = __version__
     return env
+
+
+# -- what is already at a stage's output, and --overwrite: the same rules for every stage ---------------
+
+NEW, RESUME, REPLACE = "new", "resume", "replace"
+
+
+def result_config(config: dict, run_only) -> dict:
+    """``config`` without its run-only fields (``RUN_ONLY_FIELDS`` of each stage's config: where the
+    output goes, the device, progress bars, --overwrite, ...): the values that decide the result,
+    compared to tell whether an existing output or resume file belongs to the same run."""
+    return {k: v for k, v in config.items() if k not in run_only}
+
+
+def config_differences(old: dict, new: dict, run_only=()) -> list[str]:
+    """The fields, run-only ones aside, whose values differ between two configs (sorted)."""
+    old, new = result_config(old, run_only), result_config(new, run_only)
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def check_output(out: str, overwrite: bool, *, record: str | None = None, differences=None,
+                 what: str = "run", processes: int = 1) -> str:
+    """What a stage does with what is already at its output ``out``; the same rules for every stage.
+
+    A finished output file (``record`` None: squeeze's checkpoint, train's student) is refused
+    unless ``overwrite`` (then ``REPLACE``); none there is ``NEW``.
+
+    An output directory holding a run of the stage (its ``record`` file, e.g. recover_config.json)
+    is resumed (``RESUME``) when ``differences(old record)`` names no differing field, and refused
+    otherwise, unless ``overwrite`` (``REPLACE``: the caller deletes the run's files). A non-empty
+    directory that holds no such run is refused, with ``overwrite`` too: a stage deletes only what
+    it wrote. An empty or missing directory is ``NEW``. ``overwrite`` with several processes is
+    refused for a directory: one process would delete what the others are writing."""
+    if record is None:
+        if not os.path.exists(out):
+            return NEW
+        if not overwrite:
+            raise UserError(f"{out} already exists; use --overwrite to replace it.")
+        return REPLACE
+    if overwrite and processes > 1:
+        raise UserError("--overwrite cannot be combined with several processes; clear the output directory first.")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"output path {out} exists and is not a directory.")
+    # another process's record being written (atomic_path's temporary file) does not make the tree foreign
+    tmp = "." + os.path.basename(record) + "."
+    entries = os.path.isdir(out) and [f for f in os.listdir(out) if not (f.startswith(tmp) and f.endswith(".tmp"))]
+    if not entries:
+        return NEW
+    if not os.path.exists(record):
+        if overwrite:
+            raise UserError(f"output directory {out} holds files that are not a {what}; refusing to delete them "
+                            "even with --overwrite.")
+        raise UserError(f"output directory {out} is not empty and holds no {what}; choose another --out.")
+    if overwrite:
+        return REPLACE
+    diff = differences(read_json(record))
+    if diff:
+        raise UserError(f"output directory {out} holds a {what} made with a different config ({', '.join(diff)}); "
+                        "use another --out or --overwrite.")
+    return RESUME

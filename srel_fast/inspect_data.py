@@ -329,7 +329,7 @@ def training_step_bytes(spec, batch_size: int, optimizer: str = "sgd") -> int:
     import torch.nn.functional as F
 
     from .models import build_model
-    from .training import make_optimizer
+    from .optimizers import make_optimizer
 
     tracker = _AllocationTracker()
     with tracker:

@@ -31,13 +31,15 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from srel_fast.kernels import BACKENDS
 
 from . import distributed as _dist
 from .augment import JITTER_RANGES, CropParams, apply_crops, draw_crop_params
-from .bn_matching import bn_matching
+from .bn_matching import BN_MATCHINGS, bn_matching
 from .data import Normalization, check_data_path, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
-from .files import append_jsonl, environment, read_json, read_jsonl, write_json
+from .files import (REPLACE, RESUME, append_jsonl, check_output, config_differences, environment, read_jsonl,
+                    write_json)
 from .images import IMAGE_FORMATS, PIXEL_ROUNDINGS, image_path, save_image
 from .models import MEAN_STD, load_model, require_batchnorm
 from .recipes import apply_recipe, get_recipe, resolve_recipe
@@ -82,7 +84,8 @@ class RecoverConfig:
                                        # (default: the data set the --weights checkpoint was trained on)
     # The fast path: speed switches; each can be turned off on its own to measure what it brings.
     # None: the device's fast path (FAST_PATH, resolve_speed).
-    backend: str | None = None         # torch (the original code's hooks) | auto | triton | cuda | cpu
+    bn_matching: str | None = None     # the BN term: hooks (the original code's forward hooks) | fused (kernels)
+    backend: str = "auto"              # kernel backend (srel_fast.kernels): auto | torch | triton | cuda | cpu
     amp: str | None = None             # none | bf16 | fp16 autocast of the model (statistics stay fp32)
     channels_last: bool | None = None
     compile: bool | None = None        # torch.compile of the loss (model, BN term, augmentation)
@@ -102,7 +105,11 @@ class RecoverConfig:
         "max_scale", "crop_mode", "class_layout", "image_format", "jpeg_quality", "pixel_rounding",
         "normalization", "image_size", "init", "r_class", "class_images", "crop_curriculum")
     SPEED_SWITCHES: ClassVar[tuple[str, ...]] = (
-        "backend", "amp", "channels_last", "compile", "cuda_graphs", "group_batches", "check_every")
+        "bn_matching", "backend", "amp", "channels_last", "compile", "cuda_graphs", "group_batches", "check_every")
+    # Fields that may differ between runs writing into the same output tree (the recipe's
+    # name is provenance: the resolved values are compared).
+    RUN_ONLY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "ipc_start", "ipc_end", "overwrite", "progress", "device", "out", "on_nonfinite", "recipe")
 
     def resolved(self, image_size: int, real_data: bool = False) -> "RecoverConfig":
         """Every value filled: the recipe's, then the resolution rules for what it leaves open
@@ -129,9 +136,9 @@ class RecoverConfig:
 #   default layout otherwise, where bf16 is emulated and slower); compiling made the step
 #   slower there (58.4 vs 54.6 ms per image-iteration in fp32).
 FAST_PATH = {
-    "cuda": {"backend": "auto", "amp": "bf16", "channels_last": True, "compile": True, "cuda_graphs": True},
-    "cpu": {"backend": "auto", "amp": "none", "channels_last": False, "compile": False, "cuda_graphs": False},
-    "cpu-bf16": {"backend": "auto", "amp": "bf16", "channels_last": True, "compile": False, "cuda_graphs": False},
+    "cuda": {"bn_matching": "fused", "amp": "bf16", "channels_last": True, "compile": True, "cuda_graphs": True},
+    "cpu": {"bn_matching": "fused", "amp": "none", "channels_last": False, "compile": False, "cuda_graphs": False},
+    "cpu-bf16": {"bn_matching": "fused", "amp": "bf16", "channels_last": True, "compile": False, "cuda_graphs": False},
 }
 
 
@@ -159,11 +166,6 @@ def resolve_speed(cfg: "RecoverConfig", device: torch.device) -> "RecoverConfig"
     if get_recipe(cfg.recipe).official_arithmetic:
         fast["amp"] = "none"
     return dataclasses.replace(cfg, **{k: v for k, v in fast.items() if getattr(cfg, k) is None})
-
-
-# Fields that may differ between runs writing into the same output tree (the recipe's
-# name is provenance: the resolved values are compared).
-_RUN_ONLY_FIELDS = ("ipc_start", "ipc_end", "overwrite", "progress", "device", "out", "on_nonfinite", "recipe")
 
 
 @dataclass
@@ -211,6 +213,10 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"crop scale range must satisfy 0 < min <= max <= 1, got {cfg.min_scale}..{cfg.max_scale}.")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"--on-nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}.")
+    if cfg.bn_matching is not None and cfg.bn_matching not in BN_MATCHINGS:
+        raise UserError(f"--bn-matching must be {' or '.join(BN_MATCHINGS)}, got {cfg.bn_matching!r}.")
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}.")
     if cfg.amp is not None and cfg.amp not in ("none", "bf16", "fp16"):
         raise UserError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}.")
     if cfg.group_batches <= 0:
@@ -325,8 +331,9 @@ class Recoverer:
         self.device = device
         self.lo, self.hi = norm.clamp_bounds(device)
         self.per_image = cfg.crop_mode == "image"
-        # One batch-wide crop through a single slice + interpolate: the original code's
-        # way. It reads the box on the host, so the compiled path uses the kernel instead.
+        # With the plain-PyTorch kernels (backend torch), one batch-wide crop is a single slice +
+        # interpolate: the original code's way. It reads the box on the host, so the compiled
+        # path uses the kernel instead.
         self.shared_ref = (not self.per_image and cfg.backend == "torch" and not cfg.compile
                            and cfg.group_batches == 1)
         self.group_size = 0  # images per recovery batch when several batches share a launch
@@ -354,7 +361,8 @@ class Recoverer:
         return True
 
     def __enter__(self) -> "Recoverer":
-        self.stats = [self._stack.enter_context(bn_matching(m, self.cfg.first_bn_multiplier, self.cfg.backend))
+        cfg = self.cfg
+        self.stats = [self._stack.enter_context(bn_matching(m, cfg.first_bn_multiplier, cfg.bn_matching, cfg.backend))
                       for m in self.models]
         self.terms = []
         if self.class_aware:
@@ -483,9 +491,6 @@ class Recoverer:
             x.clamp_(self.lo, self.hi)
         return loss, ce, bn
 
-    def run_batch(self, classes: list[int], ipc_index: int, batch_index: int, on_iteration=None) -> BatchResult:
-        return self.run_group([(classes, ipc_index, batch_index)], on_iteration)[0]
-
     def run_group(self, jobs: list[tuple[list[int], int, int]], on_iteration=None) -> list[BatchResult]:
         """Recover several batches (classes, ipc index, batch index) of equal size in one
         stacked tensor. Adam and the clamp act per element and the BN term is computed
@@ -540,33 +545,24 @@ class Recoverer:
                 for k, (classes, i, b) in enumerate(jobs)]
 
 
-def _semantic(cfg_dict: dict) -> dict:
-    return {k: v for k, v in cfg_dict.items() if k not in _RUN_ONLY_FIELDS}
+def _upgrade_config(config: dict) -> dict:
+    """A recover_config.json of an older version in today's fields: before --bn-matching,
+    ``backend: torch`` meant the original code's hooks with the plain-PyTorch kernels."""
+    if "bn_matching" in config:
+        return config
+    return dict(config, bn_matching="hooks" if config.get("backend") == "torch" else "fused")
 
 
-def prepare_output(cfg: RecoverConfig, record: dict) -> None:
-    """Create or re-open the output tree; refuse one that holds another run."""
+def prepare_output(cfg: RecoverConfig, record: dict, processes: int = 1) -> None:
+    """Create, resume or (--overwrite) replace the output tree (srel_fast.files.check_output)."""
     config_path = os.path.join(cfg.out, "recover_config.json")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise UserError(f"output path {cfg.out} exists and is not a directory.")
-    # another rank's config being written (atomic_path's temporary file) does not make the tree foreign
-    entries = os.path.isdir(cfg.out) and [f for f in os.listdir(cfg.out)
-                                          if not (f.startswith(".recover_config.json.") and f.endswith(".tmp"))]
-    if entries:
-        if cfg.overwrite:
-            if not os.path.exists(config_path):
-                raise UserError(f"output directory {cfg.out} holds files that are not a recovery run; "
-                                "refusing to delete them even with --overwrite.")
-            shutil.rmtree(cfg.out)
-        elif not os.path.exists(config_path):
-            raise UserError(f"output directory {cfg.out} is not empty and holds no recovery run; choose another --out.")
-        else:
-            old = read_json(config_path)
-            if _semantic(old["config"]) != _semantic(record["config"]):
-                diff = sorted(k for k in _semantic(record["config"]) if old["config"].get(k) != record["config"].get(k))
-                raise UserError(f"output directory {cfg.out} holds a recovery run with a different config "
-                                f"({', '.join(diff)}); use another --out or --overwrite.")
-            return
+    action = check_output(cfg.out, cfg.overwrite, record=config_path, what="recovery run", processes=processes,
+                          differences=lambda old: config_differences(_upgrade_config(old["config"]), record["config"],
+                                                                     RecoverConfig.RUN_ONLY_FIELDS))
+    if action == RESUME:
+        return
+    if action == REPLACE:
+        shutil.rmtree(cfg.out)
     os.makedirs(cfg.out, exist_ok=True)
     write_json(config_path, record)
 
@@ -654,10 +650,6 @@ def run_recover(cfg: RecoverConfig) -> dict:
     cfg = cfg.resolved(spec.image_size, real_data=real_known)
     _record_rules(recipe_record, given, cfg, spec.image_size, real_known)
     validate(cfg)
-    from srel_fast.kernels import BACKENDS
-
-    if cfg.backend is not None and cfg.backend not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}.")
     device = _dist.resolve_device(cfg.device)
     cfg = resolve_speed(cfg, device)
     norm = Normalization(loaded.mean, loaded.std)
@@ -672,11 +664,9 @@ def run_recover(cfg: RecoverConfig) -> dict:
         "teacher_test_accuracy": loaded.meta.get("test_accuracy"),
     }
     rank, world = _rank_world()
-    if world > 1 and cfg.overwrite:
-        raise UserError("--overwrite cannot be combined with several processes; clear the output directory first.")
     # Every rank checks (or writes) the config before writing anything, so whichever
     # rank comes first creates the tree and the others find an identical config.
-    prepare_output(cfg, record)
+    prepare_output(cfg, record, processes=world)
     real = real_training_data(cfg, loaded) if (cfg.init == "real" or cfg.r_class > 0) else None
     if real is not None:
         real = (norm.normalize(real[0]), real[1])   # once, for the start images and the statistics

@@ -25,7 +25,7 @@ import torch
 from . import distributed as _dist
 from .crop_plan import CropPlanConfig, epoch_plan, make_inputs
 from .errors import UserError
-from .files import environment, read_json, write_json
+from .files import REPLACE, check_output, config_differences, environment, write_json
 from .images import load_synthetic
 from .recipes import resolve_recipe, with_student_epochs
 from .soft_labels import STORE_FORMAT, STORE_VERSION, TOPK_MODES, SoftLabelStore, index_dtype, reference_bytes
@@ -122,22 +122,16 @@ def _open_store(cfg: RelabelConfig, meta: dict) -> SoftLabelStore:
     """Check the output directory on every rank, then (rank 0) clear it for --overwrite and
     write labels.json; the store every rank writes its epochs into."""
     meta_path = os.path.join(cfg.out, "labels.json")
-    error = None
-    try:  # every rank checks the directory before any rank writes to it
-        if cfg.overwrite and _dist.world_size() > 1:
-            raise UserError("--overwrite cannot be combined with several processes; clear the output directory first.")
-        if os.path.exists(meta_path) and not cfg.overwrite:
-            old = read_json(meta_path)
-            if {k: v for k, v in old.items() if k != "environment"} != meta:
-                raise UserError(f"soft-label directory {cfg.out} holds labels made with other settings; "
-                                "use another --out or --overwrite.")
-        elif os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
-            raise UserError(f"output directory {cfg.out} is not empty and holds no soft labels; choose another --out.")
+    error = action = None
+    try:  # every rank checks the directory before any rank writes to it (srel_fast.files.check_output)
+        action = check_output(cfg.out, cfg.overwrite, record=meta_path, what="soft-label store",
+                              processes=_dist.world_size(),
+                              differences=lambda old: config_differences(old, meta, run_only=("environment",)))
     except UserError as exc:
         error = exc
     _dist.agree_or_raise(error)
     if _dist.is_main():
-        if cfg.overwrite and os.path.isdir(cfg.out):
+        if action == REPLACE:
             for f in os.listdir(cfg.out):
                 if f.startswith("epoch_") and f.endswith(".npy"):
                     os.remove(os.path.join(cfg.out, f))

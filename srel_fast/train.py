@@ -45,14 +45,16 @@ import torch.nn.functional as F
 from . import distributed as _dist
 from .data import Normalization, check_data_path, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
-from .files import environment, read_json, write_json
+from .files import check_output, environment, read_json, result_config, write_json
 from .images import load_synthetic
 from .models import ModelSpec, build_model, load_model, save_checkpoint
 from .recipes import apply_recipe, resolve_recipe, with_student_epochs
 from .crop_plan import CropPlanConfig, epoch_plan, make_inputs
 from .soft_labels import SoftLabelStore
-from .training import (LR_STEPS, evaluate, evaluate_loader, load_resume_state, make_optimizer, make_schedule,
-                       parameter_groups, save_resume_state, seed_everything)
+from .evaluation import evaluate, evaluate_loader
+from .optimizers import LR_STEPS, make_optimizer, make_schedule, parameter_groups
+from .resume import discard_resume_state, load_resume_state, save_resume_state
+from .seeds import seed_everything
 
 VAL_RESIZES = ("resize-crop", "none")
 
@@ -103,6 +105,9 @@ class TrainConfig:
         "max_scale", "cutmix", "lr_step", "warmup_epochs", "warmup_start_factor", "decay_bn_bias",
         "grad_accumulation", "kd_t2", "val_resize", "normalization", "image_size", "ema")
     ALGORITHM_FLAGS: ClassVar[tuple[str, ...]] = ("label_mode",)
+    # Fields that do not decide whether an interrupted run may resume (the recipe's name is
+    # provenance: the resolved values are compared).
+    RUN_ONLY_FIELDS: ClassVar[tuple[str, ...]] = ("overwrite", "progress", "device", "loader", "out", "recipe")
 
     def plan(self) -> CropPlanConfig:
         cfg = apply_recipe(self, "train")
@@ -182,37 +187,25 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
         teacher = teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    n = images.shape[0]
-    steps_per_epoch = -(-n // cfg.batch_size)
+    steps_per_epoch = -(-images.shape[0] // cfg.batch_size)
     optimizer = make_student_optimizer(model, cfg)
     scheduler = make_schedule(optimizer, cfg.lr_step, cfg.epochs, steps_per_epoch, cfg.warmup_epochs,
                               cfg.warmup_start_factor)
     gen = torch.Generator().manual_seed(cfg.seed)
     key = _resume_key(cfg)
     start_epoch = load_resume_state(resume_path, key, model, optimizer, scheduler, gen) if resume_path else 0
-    size = (spec.image_size, spec.image_size)
     bar = None
     if cfg.progress and _dist.is_main():
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="train", unit="epoch", dynamic_ncols=True, file=sys.stderr)
     t0 = time.perf_counter()
-    step = StudentStep(net, optimizer, images, labels, cfg, size, teacher, store, rank, world)
+    step = StudentStep(net, optimizer, images, labels, cfg, (spec.image_size, spec.image_size), teacher, store,
+                       rank, world)
     # The EMA restarts with a resumed run (it is not part of the resume state).
     ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        row = 0
-        epoch_loss = 0.0
-        for pb in epoch_plan(cfg.plan(), epoch, n, images.shape[2], images.shape[3]):
-            epoch_loss += step(pb, row, epoch)
-            if ema is not None:
-                ema.update(model)
-            row += len(pb.indices)
-            if cfg.lr_step == "iteration":
-                scheduler.step()
-        if cfg.lr_step == "epoch":
-            scheduler.step()
+        epoch_loss = _one_epoch(step, epoch, scheduler, ema)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{epoch_loss / steps_per_epoch:.4f}")
@@ -224,6 +217,24 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
         model = ema.model
     acc = evaluate_fn(model)
     return {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "model": model}
+
+
+def _one_epoch(step: "StudentStep", epoch: int, scheduler, ema: WeightEMA | None) -> float:
+    """One pass over the epoch's planned batches (crop_plan.epoch_plan); returns the summed loss."""
+    cfg, images, model = step.cfg, step.images, _dist.unwrap(step.net)
+    model.train()
+    row = 0
+    epoch_loss = 0.0
+    for pb in epoch_plan(cfg.plan(), epoch, images.shape[0], images.shape[2], images.shape[3]):
+        epoch_loss += step(pb, row, epoch)
+        if ema is not None:
+            ema.update(model)
+        row += len(pb.indices)
+        if cfg.lr_step == "iteration":
+            scheduler.step()
+    if cfg.lr_step == "epoch":
+        scheduler.step()
+    return epoch_loss
 
 
 class StudentStep:
@@ -307,9 +318,7 @@ def _student_loss(out, x, pb, rows, row, labels, cfg: TrainConfig, epoch, teache
 
 
 def _resume_key(cfg: TrainConfig) -> dict:
-    # The recipe's name is provenance: the resolved values decide whether a run may resume.
-    d = dataclasses.asdict(cfg)
-    return {k: v for k, v in d.items() if k not in ("overwrite", "progress", "device", "loader", "out", "recipe")}
+    return result_config(dataclasses.asdict(cfg), TrainConfig.RUN_ONLY_FIELDS)
 
 
 def make_evaluator(val: str, norm: Normalization, image_size: int, device, loader: str = "auto", seed: int = 0,
@@ -366,14 +375,10 @@ def run_train(cfg: TrainConfig) -> dict:
     else:
         teacher_model = teacher.model if teacher is not None else None
     final = os.path.join(cfg.out, "student.pt")
-    if os.path.exists(final) and not cfg.overwrite:
-        raise UserError(f"{final} already exists; use --overwrite to train again.")
+    check_output(final, cfg.overwrite)
     evaluate_fn = make_evaluator(cfg.val, norm, spec.image_size, device, cfg.loader, cfg.seed, cfg.val_resize)
     os.makedirs(cfg.out, exist_ok=True)
-    _dist.barrier()  # every rank has checked the output before rank 0 touches it
-    if cfg.overwrite and os.path.exists(os.path.join(cfg.out, "train.resume")) and _dist.is_main():
-        os.remove(os.path.join(cfg.out, "train.resume"))
-    _dist.barrier()
+    discard_resume_state(os.path.join(cfg.out, "train.resume"), cfg.overwrite)
     _own_data_memory(cfg, spec, device)   # issue 19: refuse a run that cannot fit, before the first step
     res = train_student(images, labels, spec.num_classes, spec, cfg, evaluate_fn, teacher_model, store,
                         resume_path=os.path.join(cfg.out, "train.resume"))

@@ -76,15 +76,15 @@ def test_failing_provider_is_recorded_not_raised():
     assert rec["status"] == "error" and "dm" in rec["error"]
 
 
-def test_reference_loss_equals_recoverer_torch_backend():
+def test_reference_loss_equals_recoverer_hooks():
     from srel_fast.recover import RecoverConfig, Recoverer
 
     size, batch, classes = 16, 3, 10
     teacher = providers.make_teacher("convnet4", classes, size, seed=1)
     norm = providers.Context("t", _tiny_config(), torch.device("cpu"), None, "fp32", True, 1, 1).norm
     ref = reference.ReferenceRecovery(copy.deepcopy(teacher), norm, size, classes, batch, torch.device("cpu"), 10, seed=3)
-    cfg = RecoverConfig(out="", batch_size=batch, backend="torch", crop_mode="batch", amp="none",
-                        channels_last=False).resolved(size)
+    cfg = RecoverConfig(out="", batch_size=batch, bn_matching="hooks", backend="torch", crop_mode="batch",
+                        amp="none", channels_last=False).resolved(size)
     assert (cfg.lr, cfg.r_bn, cfg.jitter) == (ref.lr, ref.r_bn, ref.jitter)
     with Recoverer(copy.deepcopy(teacher), norm, size, 3, cfg, torch.device("cpu")) as rec:
         for crop in [(2, 3, 9, 11, True, (1, 0)), (0, 0, 16, 16, False, (0, 1)), (5, 1, 4, 7, True, (1, 1))]:

@@ -55,7 +55,7 @@ def test_token_bn_statistics_are_over_batch_and_tokens():
     bn0 = model.blocks[0].norm1.bn
     h = bn0.register_forward_pre_hook(lambda m, i: captured.append(i[0]))
     x = torch.randn(4, 1, 8, 8)
-    with bn_matching(model, 10.0, "torch") as stats:
+    with bn_matching(model, 10.0, "hooks") as stats:
         model(x)
         ref = stats.hooks[0].loss  # first BN in module order: blocks[0].norm1
     h.remove()
@@ -90,9 +90,9 @@ def test_fused_bn_loss_and_gradient_equal_reference(vit_teacher, backend):
         p.requires_grad_(False)
     x0 = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     res = {}
-    for b in ("torch", backend):
+    for b in ("torch", backend):   # torch: the original code's hooks
         x = x0.clone().requires_grad_(True)
-        with bn_matching(model, 10.0, b) as stats:
+        with bn_matching(model, 10.0, "hooks" if b == "torch" else "fused", b) as stats:
             out = model(x)
             loss = stats.loss()
         (loss + out.sum()).backward()
@@ -110,9 +110,10 @@ def test_checkpoint_recovers_with_reference_and_fused(vit_teacher, backend):
     runs = {}
     for b in ("torch", backend):
         cfg = RecoverConfig(out="", weights=vit_teacher, ipc=1, iterations=2, device="cpu", progress=False,
-                            backend=b, crop_mode="image", amp="none", channels_last=False).resolved(8)
+                            bn_matching="hooks" if b == "torch" else "fused", backend=b, crop_mode="image",
+                            amp="none", channels_last=False).resolved(8)
         with Recoverer(loaded.model, Normalization(loaded.mean, loaded.std), 8, 1, cfg, torch.device("cpu")) as rec:
-            runs[b] = rec.run_batch(list(range(10)), 0, 0)
+            runs[b] = rec.run_group([(list(range(10)), 0, 0)])[0]
     assert runs["torch"].status == runs[backend].status == "ok"
     assert runs[backend].bn == pytest.approx(runs["torch"].bn, rel=1e-4, abs=1e-5)
     torch.testing.assert_close(runs[backend].images, runs["torch"].images, atol=1e-4, rtol=0)

@@ -230,7 +230,8 @@ def test_resume_file_with_payload_is_refused(tmp_path):
 
 
 def test_resume_state_round_trip_weights_only(tmp_path):
-    from srel_fast.training import load_resume_state, make_optimizer, make_schedule, save_resume_state
+    from srel_fast.optimizers import make_optimizer, make_schedule
+    from srel_fast.resume import load_resume_state, save_resume_state
 
     for name in ("sgd", "adamw"):
         model = torch.nn.Linear(3, 2)

@@ -17,9 +17,6 @@ from srel_fast.recover import RealImages, RecoverConfig, Recoverer, run_recover
 from srel_fast.squeeze import shift_crop_flip
 from srel_fast.train import TrainConfig, WeightEMA, parse_seeds, run_train
 
-BACKENDS = ["torch", "cpu", "auto"]
-
-
 def _model(seed: int, classes: int = 5, channels: int = 1, size: int = 12) -> torch.nn.Module:
     torch.manual_seed(seed)
     m = build_model(ModelSpec("convnet3", classes, channels, size, 8))
@@ -62,9 +59,9 @@ def test_collect_class_statistics_matches_float64_formula():
             torch.testing.assert_close(cv[c].double(), a[y == c].var((0, 2, 3), unbiased=False), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("matching,backend", [("hooks", "torch"), ("fused", "cpu"), ("fused", "auto")])
 @pytest.mark.parametrize("per,groups", [(5, 2), (3, 3)])
-def test_class_aware_terms_and_gradient_match_float64_reference(backend, per, groups):
+def test_class_aware_terms_and_gradient_match_float64_reference(matching, backend, per, groups):
     """The (paper, class) terms of the hooks and of the fused kernels from per-image
     moments, and their input gradient, against the obvious float64 formula."""
     from srel_fast.bn_matching import bn_matching
@@ -79,7 +76,7 @@ def test_class_aware_terms_and_gradient_match_float64_reference(backend, per, gr
     x0 = torch.randn(n, 1, 12, 12, generator=g)
     fbm = 3.0
     weights = [fbm] + [1.0] * (len(targets) - 1)
-    with bn_matching(model, fbm, backend) as stats:
+    with bn_matching(model, fbm, matching, backend) as stats:
         terms = ClassAwareTerms(targets, stats.layers, 5)
         stats.set_moments_loss(terms)
         stats.set_groups(n)
@@ -102,10 +99,11 @@ def test_class_aware_terms_and_gradient_match_float64_reference(backend, per, gr
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_several_teachers_loss_is_mean_ce_plus_summed_bn_terms(backend):
+@pytest.mark.parametrize("matching,backend", [("hooks", "torch"), ("fused", "auto")])
+def test_several_teachers_loss_is_mean_ce_plus_summed_bn_terms(matching, backend):
     norm = Normalization((0.5,), (0.25,))
-    cfg = RecoverConfig(out="", batch_size=5, backend=backend, crop_mode="image", init="noise", r_class=0.0,
+    cfg = RecoverConfig(out="", batch_size=5, bn_matching=matching, backend=backend, crop_mode="image", init="noise",
+                        r_class=0.0,
                         r_bn=0.7, iterations=4)
     teachers = [_model(1), _model(2)]
     boxes = torch.tensor([[0, 0, 12, 12], [1, 2, 9, 10], [0, 0, 7, 7], [3, 3, 12, 12], [2, 0, 10, 12]],

@@ -33,7 +33,8 @@ from srel_fast.crop_plan import epoch_plan, make_inputs
 from srel_fast.relabel import RelabelConfig
 from srel_fast.squeeze import SqueezeConfig
 from srel_fast.train import TrainConfig, make_evaluator, make_student_optimizer, train_student
-from srel_fast.training import make_schedule, seed_everything
+from srel_fast.optimizers import make_schedule
+from srel_fast.seeds import seed_everything
 
 TINY_MEAN, TINY_STD = TINY_IMAGENET_MEAN_STD
 CONFIGS = {"squeeze": SqueezeConfig, "recover": RecoverConfig, "relabel": RelabelConfig, "train": TrainConfig}
@@ -131,7 +132,7 @@ def test_cli_lists_recipes_and_separates_speed_from_algorithm():
     speed = h[h.index("\nspeed switches:"):h.index("\nrun:")]
     for flag in ("--recipe", "--class-layout", "--crop-mode", "--jitter-range", "--image-format", "--lr", "--r-bn"):
         assert flag in algorithm and flag not in speed, flag
-    for flag in ("--backend", "--amp", "--channels-last", "--compile", "--cuda-graphs", "--group-batches"):
+    for flag in ("--bn-matching", "--backend", "--amp", "--channels-last", "--compile", "--cuda-graphs", "--group-batches"):
         assert flag in speed and flag not in algorithm, flag
 
 

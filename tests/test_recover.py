@@ -128,6 +128,31 @@ def test_recover_refuses_other_config_in_same_output(digits_teacher, tmp_path):
         recover(teacher, tmp_path / "other")
 
 
+def test_recover_resumes_a_run_recorded_before_bn_matching(digits_teacher, tmp_path):
+    """A recover_config.json written before --bn-matching existed: backend torch then meant the hooks."""
+    import json
+
+    teacher, _ = digits_teacher
+    kw = dict(PAPER_OBJECTIVE, backend="torch")
+    recover(teacher, tmp_path / "o", ipc_end=1, bn_matching="hooks", **kw)
+    path = tmp_path / "o" / "recover_config.json"
+    record = json.loads(path.read_text())
+    del record["config"]["bn_matching"]
+    path.write_text(json.dumps(record))
+    recover(teacher, tmp_path / "o", ipc_start=1, bn_matching="hooks", **kw)   # resumes
+    with pytest.raises(UserError, match=r"different config \(bn_matching\)"):
+        recover(teacher, tmp_path / "o", bn_matching="fused", **kw)
+
+
+def test_bn_matching_and_backend_are_checked_where_the_config_is_read(digits_teacher, tmp_path):
+    teacher, _ = digits_teacher
+    with pytest.raises(UserError, match="--bn-matching must be hooks or fused"):
+        recover(teacher, tmp_path / "a", bn_matching="torch")
+    with pytest.raises(UserError, match="--backend must be one of"):
+        recover(teacher, tmp_path / "b", backend="hooks")
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
 def test_recover_nonfinite_stops_and_keeps_last_finite(digits_teacher, tmp_path):
     teacher, _ = digits_teacher
     with pytest.raises(NonFiniteLoss, match=r"ipc 0, batch 0"):
@@ -153,7 +178,7 @@ def test_recover_bad_ranges(digits_teacher, tmp_path, kw, msg):
 
 def test_squeeze_checkpoint_reloads_with_same_accuracy(digits_teacher):
     from srel_fast.data import Normalization, load_builtin
-    from srel_fast.training import evaluate
+    from srel_fast.evaluation import evaluate
 
     path, res = digits_teacher
     loaded = load_model(path)

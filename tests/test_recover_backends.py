@@ -24,14 +24,14 @@ def _run(teacher, iterations=5, **kw):
     cfg = cfg.resolved(loaded.spec.image_size)
     with Recoverer(loaded.model, Normalization(loaded.mean, loaded.std), loaded.spec.image_size,
                    loaded.spec.in_channels, cfg, torch.device("cpu")) as rec:
-        return rec.run_batch(list(range(10)), 0, 0)
+        return rec.run_group([(list(range(10)), 0, 0)])[0]
 
 
 @needs_ext
 @pytest.mark.parametrize("crop_mode", ["batch", "image"])
 def test_fused_backend_follows_reference(digits_teacher, crop_mode):
-    ref = _run(digits_teacher[0], backend="torch", crop_mode=crop_mode)
-    fused = _run(digits_teacher[0], backend="cpu", crop_mode=crop_mode)
+    ref = _run(digits_teacher[0], bn_matching="hooks", backend="torch", crop_mode=crop_mode)
+    fused = _run(digits_teacher[0], bn_matching="fused", backend="cpu", crop_mode=crop_mode)
     assert ref.status == fused.status == "ok"
     assert fused.loss == pytest.approx(ref.loss, rel=1e-4, abs=1e-5)
     assert fused.bn == pytest.approx(ref.bn, rel=1e-4, abs=1e-5)
@@ -39,8 +39,8 @@ def test_fused_backend_follows_reference(digits_teacher, crop_mode):
 
 
 def test_crop_modes_differ(digits_teacher):
-    a = _run(digits_teacher[0], iterations=2, backend="torch", crop_mode="batch")
-    b = _run(digits_teacher[0], iterations=2, backend="torch", crop_mode="image")
+    a = _run(digits_teacher[0], iterations=2, bn_matching="hooks", backend="torch", crop_mode="batch")
+    b = _run(digits_teacher[0], iterations=2, bn_matching="hooks", backend="torch", crop_mode="image")
     assert not torch.equal(a.images, b.images)
 
 
@@ -52,14 +52,15 @@ def test_compiled_step_matches_eager(digits_teacher):
     torch.testing.assert_close(compiled.images, eager.images, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
-def test_grouped_batches_follow_their_own_objectives(digits_teacher, tmp_path, backend):
+@pytest.mark.parametrize("matching,backend", [("hooks", "torch"), pytest.param("fused", "cpu", marks=needs_ext)])
+def test_grouped_batches_follow_their_own_objectives(digits_teacher, tmp_path, matching, backend):
     """Three recovery batches stacked into one launch give each batch the images it gets alone."""
     from srel_fast.recover import run_recover
 
     def run(out, groups):
         return run_recover(RecoverConfig(out=str(tmp_path / out), weights=digits_teacher[0], ipc=3, iterations=6,
-                                         batch_size=5, crop_mode="image", backend=backend, group_batches=groups,
+                                         batch_size=5, crop_mode="image", bn_matching=matching, backend=backend,
+                                         group_batches=groups,
                                          device="cpu", progress=False, **PAPER_FP32))
 
     alone, stacked = run("alone", 1), run("stacked", 3)
@@ -97,11 +98,11 @@ def _bn_only_model() -> torch.nn.Module:
     return model.eval()
 
 
-def _bn_grad(amp: str, backend: str) -> torch.Tensor:
+def _bn_grad(amp: str, matching: str, backend: str) -> torch.Tensor:
     import copy
 
-    cfg = RecoverConfig(out="", ipc=1, iterations=10, device="cpu", progress=False, amp=amp, backend=backend,
-                        r_bn=1e-5, crop_mode="image").resolved(64)
+    cfg = RecoverConfig(out="", ipc=1, iterations=10, device="cpu", progress=False, amp=amp, bn_matching=matching,
+                        backend=backend, r_bn=1e-5, crop_mode="image").resolved(64)
     with Recoverer(copy.deepcopy(_bn_only_model()), Normalization((0.5,) * 3, (0.5,) * 3), 64, 3, cfg,
                    torch.device("cpu")) as rec:
         x = rec.batch_images(4, seed=3)
@@ -110,12 +111,12 @@ def _bn_grad(amp: str, backend: str) -> torch.Tensor:
         return x.grad.detach().clone()  # unscaled by the step when a scaler is used
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
-def test_fp16_recovery_keeps_tiny_bn_gradients(backend):
+@pytest.mark.parametrize("matching,backend", [("hooks", "torch"), pytest.param("fused", "cpu", marks=needs_ext)])
+def test_fp16_recovery_keeps_tiny_bn_gradients(matching, backend):
     # At r_bn 1e-5 the BN-term gradient at the conv output is ~1e-9 per element, below
     # fp16's smallest subnormal: without loss scaling it flushes to zero in fp16.
-    ref = _bn_grad("none", backend)
-    half = _bn_grad("fp16", backend)
+    ref = _bn_grad("none", matching, backend)
+    half = _bn_grad("fp16", matching, backend)
     assert ref.abs().max() > 0
     cos = torch.nn.functional.cosine_similarity(ref.flatten(), half.flatten(), dim=0)
     assert cos > 0.99, f"fp16 gradient lost the BN term (cosine {cos:.3f})"

@@ -111,6 +111,42 @@ def test_squeeze_resumes_from_epoch_checkpoint(tmp_path, monkeypatch):
         sq.run_squeeze(sq.SqueezeConfig(out=str(tmp_path / "x.pt"), **cfg))
 
 
+def test_every_stage_treats_an_existing_output_alike(tmp_path):
+    """srel_fast.files.check_output: the rules of --overwrite and resuming that every stage follows."""
+    from srel_fast.errors import UserError
+    from srel_fast.files import NEW, REPLACE, RESUME, check_output, write_json
+
+    f = tmp_path / "teacher.pt"   # a finished output file (squeeze, train)
+    assert check_output(str(f), False) == NEW
+    f.write_text("x")
+    with pytest.raises(UserError, match="already exists; use --overwrite"):
+        check_output(str(f), False)
+    assert check_output(str(f), True) == REPLACE
+    d, record = tmp_path / "run", tmp_path / "run" / "run.json"   # an output directory (recover, relabel)
+    same, other = (lambda old: []), (lambda old: ["lr"])
+    kw = dict(record=str(record), what="run")
+    assert check_output(str(d), False, differences=same, **kw) == NEW
+    d.mkdir()
+    (d / ".run.json.x1.tmp").write_text("")   # another process's record being written
+    assert check_output(str(d), False, differences=same, **kw) == NEW
+    write_json(str(record), {})
+    assert check_output(str(d), False, differences=same, **kw) == RESUME
+    with pytest.raises(UserError, match=r"different config \(lr\); use another --out or --overwrite"):
+        check_output(str(d), False, differences=other, **kw)
+    assert check_output(str(d), True, differences=other, **kw) == REPLACE
+    with pytest.raises(UserError, match="several processes"):
+        check_output(str(d), True, differences=same, processes=2, **kw)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    kw = dict(record=str(tmp_path / "mine" / "run.json"), what="run")
+    with pytest.raises(UserError, match="not empty and holds no run"):
+        check_output(str(tmp_path / "mine"), False, **kw)
+    with pytest.raises(UserError, match="refusing to delete them even with --overwrite"):
+        check_output(str(tmp_path / "mine"), True, **kw)
+    with pytest.raises(UserError, match="is not a directory"):
+        check_output(str(f), False, record=str(tmp_path / "x.json"))
+
+
 def test_full_disk_leaves_no_truncated_image_and_rerun_completes(digits_teacher, tmp_path, monkeypatch, capsys):
     from srel_fast import files
 

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mtt-syn-steps", type=int, default=None)
     ap.add_argument("--mtt-batch-syn", type=int, default=None)
     ap.add_argument("--dm-batch-real", type=int, default=None)
-    ap.add_argument("--check-every", type=int, default=10, help="srel-fast loss check interval (run_batch's check_every)")
+    ap.add_argument("--check-every", type=int, default=10, help="srel-fast loss check interval (run_group's check_every)")
     ap.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved",
                     help="interleaved: time all providers in rounds of one iteration each (default; fair on a "
                          "shared machine); sequential: one provider at a time, alone")

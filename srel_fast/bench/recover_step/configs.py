@@ -16,8 +16,9 @@ SREL_FAST_VARIANTS = {
     "srel-fast": {},
     "srel-fast-no-compile": {"compile": False, "cuda_graphs": False},
     "srel-fast-fp32": {"amp": "none"},
-    # CUDA graphs cannot capture the torch crop path (host-side box sizes): off here.
-    "srel-fast-torch-backend": {"backend": "torch", "cuda_graphs": False},
+    # the original code's BN hooks with the plain-PyTorch kernels (named srel-fast-torch-backend in results
+    # before the two were told apart); CUDA graphs cannot capture the torch crop path (host-side box sizes).
+    "srel-fast-hooks": {"bn_matching": "hooks", "backend": "torch", "cuda_graphs": False},
     # the extension's kernels as opaque custom ops under compile ("cuda" or "cpu" by device),
     # where auto hands the BN statistics to inductor as plain ops
     "srel-fast-custom-ops": {"backend": "extension"},

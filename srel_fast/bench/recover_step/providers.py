@@ -34,7 +34,7 @@ def make_teacher(arch: str, num_classes: int, image_size: int, seed: int) -> tor
 
 class SrelFastRecovery:
     """srel_fast.recover.Recoverer's iteration: Recoverer.step (crops, loss,
-    backward, Adam, clamp) plus run_batch's periodic loss check."""
+    backward, Adam, clamp) plus run_group's periodic loss check."""
 
     def __init__(self, model: torch.nn.Module, norm: Normalization, image_size: int, num_classes: int, batch: int,
                  device: torch.device, total_iterations: int, overrides: dict, seed: int = 0):
@@ -54,13 +54,14 @@ class SrelFastRecovery:
         self.images_per_iteration = batch
 
     def settings(self) -> dict:
-        keys = ("amp", "channels_last", "compile", "cuda_graphs", "backend", "crop_mode", "check_every")
+        keys = ("amp", "channels_last", "compile", "cuda_graphs", "bn_matching", "backend", "crop_mode",
+                "check_every")
         return {k: getattr(self.cfg, k) for k in keys}
 
     def step(self, it: int) -> torch.Tensor:
         loss, _, _ = self.rec.step(self.x, self.targets, self.gen, self.optimizer, it)
         if it % self.cfg.check_every == 0 or it == self.cfg.iterations - 1:
-            math.isfinite(loss.item())  # run_batch's check (a device sync)
+            math.isfinite(loss.item())  # run_group's check (a device sync)
         return loss.detach()
 
     def close(self) -> None:

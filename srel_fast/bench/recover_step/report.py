@@ -81,8 +81,9 @@ PROVIDER_DOC = {
                "otherwise); per-image crops drawn on the device.",
     "srel-fast-no-compile": "srel-fast without torch.compile / CUDA graphs.",
     "srel-fast-fp32": "srel-fast without AMP.",
-    "srel-fast-torch-backend": "srel-fast with the original code's BN hooks and the per-image torch crop under "
-                               "compile (no CUDA graphs: the torch crop reads box sizes on the host).",
+    "srel-fast-hooks": "srel-fast with the original code's BN hooks (--bn-matching hooks) and the per-image "
+                       "plain-PyTorch crop (--backend torch) under compile (no CUDA graphs: the torch crop reads "
+                       "box sizes on the host).",
     "srel-fast-custom-ops": "srel-fast with the extension's fused BN-statistics and crop kernels as opaque custom ops "
                             "under compile (backend cuda / cpu); srel-fast's auto gives inductor the BN statistics "
                             "as plain ops instead, to fuse with the layers around them.",
