@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import io as _io
 import json
 import os
@@ -35,10 +36,13 @@ def _fsync_dir(path: str) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it is fsynced and
-    renamed to ``path``; on any exception it is removed."""
+    renamed to ``path``, and the temporary files a killed earlier writer of the same
+    ``path`` left behind are removed (only one process writes a given output file);
+    on any exception it is removed."""
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    prefix = "." + os.path.basename(path) + "."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
     os.close(fd)
     try:
         yield tmp
@@ -46,6 +50,9 @@ def atomic_path(path: str) -> Iterator[str]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(directory)
+        for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*.tmp")):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)

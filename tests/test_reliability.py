@@ -243,3 +243,17 @@ def test_recover_batch_size_zero(digits_teacher, tmp_path, capsys):
     code, err = run_cli(["recover", "--weights", digits_teacher[0], "--ipc", 1, "--batch-size", 0, "--out", tmp_path / "s"],
                         capsys)
     assert code == 2 and "--batch-size" in err and not os.path.exists(tmp_path / "s")
+
+
+def test_atomic_write_removes_what_a_killed_writer_of_the_same_file_left(tmp_path):
+    """A writer killed between mkstemp and rename leaves '.NAME.XXXX.tmp'; the next successful
+    write of NAME removes it, and leaves other files' temporaries alone."""
+    from srel_fast.files import atomic_write_bytes
+
+    stale = tmp_path / ".ipc00002.png.abc123.tmp"
+    other = tmp_path / ".ipc00003.png.def456.tmp"
+    stale.write_bytes(b"partial")
+    other.write_bytes(b"in flight")
+    atomic_write_bytes(str(tmp_path / "ipc00002.png"), b"image")
+    assert (tmp_path / "ipc00002.png").read_bytes() == b"image"
+    assert not stale.exists() and other.exists()
