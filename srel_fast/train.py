@@ -216,7 +216,7 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     if ema is not None:
         model = ema.model
     acc = evaluate_fn(model)
-    return {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "model": model}
+    return {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "epochs": cfg.epochs, "model": model}
 
 
 def _one_epoch(step: "StudentStep", epoch: int, scheduler, ema: WeightEMA | None) -> float:
@@ -407,11 +407,12 @@ def _run_seeds(cfg: TrainConfig) -> dict:
     for s in seeds:
         res = run_train(dataclasses.replace(cfg, seed=s, seeds=None, out=os.path.join(cfg.out, f"seed{s}")))
         runs[s] = res["test_accuracy"]
+    resolved = dataclasses.replace(apply_recipe(cfg, "train"), epochs=res["epochs"])   # the rule's, if it set them
     accs = list(runs.values())
     summary = {"seeds": seeds, "test_accuracy": {str(s): a for s, a in runs.items()},
                "test_accuracy_mean": statistics.mean(accs),
                "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-               "config": dataclasses.asdict(apply_recipe(cfg, "train")), "environment": environment()}
+               "config": dataclasses.asdict(resolved), "environment": environment()}
     if _dist.is_main():
         write_json(os.path.join(cfg.out, "train_results.json"), summary)
     return summary

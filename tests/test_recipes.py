@@ -518,6 +518,9 @@ def test_relabel_and_train_share_the_epochs_rule_and_record_it(digits_teacher, t
                           labels=str(tmp_path / "labels"), **common))
     saved = json.load(open(tmp_path / "st" / "train_results.json"))
     assert saved["config"]["epochs"] == 5 and saved["recipe"]["from_recipe"]["epochs"] == 5
+    run_train(TrainConfig(out=str(tmp_path / "seeds"), val="digits", arch="convnet3", width=8, seeds="0,1",
+                          teacher=digits_teacher[0], **common))
+    assert json.load(open(tmp_path / "seeds" / "train_results.json"))["config"]["epochs"] == 5
     explicit = TrainConfig(syn="", out="", val="", arch="", epochs=3, batch_size=8)
     assert R.with_student_epochs(R.apply_recipe(explicit, "train"), 10).epochs == 3
     for paper in ("sre2l-imagenet", "sre2l-tiny"):
