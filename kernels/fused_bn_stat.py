@@ -53,17 +53,12 @@ def _scale_bias(running_mean, running_var, weight, bias, eps):
     return s, t
 
 
-def _fused_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
-                   bias: Optional[Tensor], eps: float, groups: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    s, t = _scale_bias(running_mean, running_var, weight, bias, eps)
-    mean, var, y = forward_impl(x, running_mean, s, t, groups, backend, want_y=True)
-    return y, mean, var
-
-
 @torch.library.custom_op("srel_fast::fused_bn_stat", mutates_args=())
 def _fused_op(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
               eps: float, groups: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _fused_forward(x, running_mean, running_var, weight, bias, eps, groups, backend)
+    s, t = _scale_bias(running_mean, running_var, weight, bias, eps)
+    mean, var, y = forward_impl(x, running_mean, s, t, groups, backend, want_y=True)
+    return y, mean, var
 
 
 @_fused_op.register_fake
@@ -79,12 +74,14 @@ def _fused_setup(ctx, inputs, output):
     ctx.eps, ctx.groups, ctx.backend = eps, groups, backend
 
 
-def _fused_grads(ctx, grad_y, grad_mean, grad_var, input_backward):
+def _fused_grads(ctx, grad_y, grad_mean, grad_var, input_backward, s: Optional[Tensor] = None):
     """Gradients of (x, rm, rv, weight, bias, eps, groups, backend); ``input_backward`` runs the
-    one elementwise pass for x (the custom op, or its implementation called directly)."""
+    one elementwise pass for x (the custom op, or its implementation called directly); ``s`` is
+    the frozen BN's per-channel scale when the forward kept it (else computed again here)."""
     x, mean, rm, rv, weight, bias = ctx.saved_tensors
     _, b, _, l = _dims(x, ctx.groups)
-    s, _ = _scale_bias(rm, rv, weight, bias, ctx.eps)
+    if s is None:
+        s, _ = _scale_bias(rm, rv, weight, bias, ctx.eps)
     a, bb = moment_coeffs(mean, grad_mean, grad_var, b * l)
     dx = None
     if ctx.needs_input_grad[0]:
@@ -117,13 +114,15 @@ class _FusedEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, eps, groups, backend):
-        y, mean, var = _fused_forward(x, running_mean, running_var, weight, bias, eps, groups, backend)
+        s, t = _scale_bias(running_mean, running_var, weight, bias, eps)
+        mean, var, y = forward_impl(x, running_mean, s, t, groups, backend, want_y=True)
         _fused_setup(ctx, (x, running_mean, running_var, weight, bias, eps, groups, backend), (y, mean, var))
+        ctx.scale = s   # the backward's dy coefficient, kept instead of computed again
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_var):
-        return _fused_grads(ctx, grad_y, grad_mean, grad_var, backward_impl)
+        return _fused_grads(ctx, grad_y, grad_mean, grad_var, backward_impl, ctx.scale)
 
 
 def _fused(x, running_mean, running_var, weight, bias, eps, groups, backend):

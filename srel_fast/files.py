@@ -33,6 +33,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _tmp_prefix(path: str) -> str:
+    """The name prefix of atomic_path's temporary files for ``path`` ('.NAME.')."""
+    return "." + os.path.basename(path) + "."
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it is fsynced and
@@ -41,7 +46,7 @@ def atomic_path(path: str) -> Iterator[str]:
     on any exception it is removed."""
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
-    prefix = "." + os.path.basename(path) + "."
+    prefix = _tmp_prefix(path)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
     os.close(fd)
     try:
@@ -194,7 +199,7 @@ def check_output(out: str, overwrite: bool, *, record: str | None = None, differ
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"output path {out} exists and is not a directory.")
     # another process's record being written (atomic_path's temporary file) does not make the tree foreign
-    tmp = "." + os.path.basename(record) + "."
+    tmp = _tmp_prefix(record)
     entries = os.path.isdir(out) and [f for f in os.listdir(out) if not (f.startswith(tmp) and f.endswith(".tmp"))]
     if not entries:
         return NEW
