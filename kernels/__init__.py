@@ -12,7 +12,8 @@ benchmark):
 - ``bn_stat_loss``: bn_stat_loss.py, bn_stat_loss_triton.py, csrc/bn_stat_loss.cpp,
   csrc/bn_stat_loss_cuda.cu, tests/test_bn_stat_loss.py, bench/bench_bn_stat_loss.py;
 - ``fused_bn_stat`` (eval BN + bn_stat_loss in one read, run by the bn_stat_loss
-  kernels): fused_bn_stat.py, tests/test_fused_bn_stat.py, bench/bench_fused_bn_stat.py;
+  kernels): fused_bn_stat.py, csrc/fused_bn_stat.cpp (a frozen layer and its loss as one
+  C++ autograd op, for every device), tests/test_fused_bn_stat.py, bench/bench_fused_bn_stat.py;
 - ``multicrop_resize``: multicrop_resize.py, multicrop_resize_triton.py,
   csrc/multicrop_resize.cpp, csrc/multicrop_resize_cuda.cu, tests/test_multicrop_resize.py,
   bench/bench_multicrop_resize.py; its random crop boxes, flips and rolls come from

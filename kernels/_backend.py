@@ -90,4 +90,5 @@ def reset_for_tests() -> None:
 
     _ext._state.update(loaded=None, error=None, cuda=False, cuda_error=None)
     _ext.has_op.cache_clear()
+    _ext.has_schema.cache_clear()
     _resolve.cache_clear()

@@ -177,3 +177,16 @@ def has_op(op: str, device: str) -> bool:
         return False
     key = "CPU" if device == "cpu" else "CUDA"
     return torch._C._dispatch_has_kernel_for_dispatch_key(packet.default.name(), key)
+
+
+@functools.lru_cache(maxsize=None)
+def has_schema(name: str) -> bool:
+    """True when the loaded extension defines ``srel_fast::<name>`` (ops registered for
+    every device at once, e.g. CompositeImplicitAutograd ones). Cached like has_op."""
+    if not ensure_loaded():
+        return False
+    try:
+        getattr(torch.ops.srel_fast, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True

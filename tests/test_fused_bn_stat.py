@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from srel_fast.kernels import bn_stat_loss_reference, fused_bn_matching, fused_bn_stat
-from srel_fast.kernels.fused_bn_stat import fused_bn_stat_reference
+from srel_fast.kernels.fused_bn_stat import FusedBNStat, fused_bn_stat_reference
 
 from conftest import BN_TOL, gpu_backends, make_bn_input
 
@@ -292,3 +292,136 @@ def test_auto_under_compile_takes_the_plain_op_path_with_the_same_result(monkeyp
     assert seen == [False, True] and len(calls) == 2  # two BN layers, traced once
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# the frozen-layer path of FusedBNStat (recovery's case): the layer's loss is an output of
+# one autograd node, csrc/fused_bn_stat.cpp on the extension's backends, _FusedLossEager
+# on torch and triton
+# --------------------------------------------------------------------------
+def frozen_bn(c, dim, seed=3):
+    bn = (nn.BatchNorm2d(c) if dim == 4 else nn.BatchNorm1d(c)).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    bn.running_mean.copy_(torch.randn(c, generator=g))
+    bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    bn.weight.copy_(torch.randn(c, generator=g))
+    bn.bias.copy_(torch.randn(c, generator=g))
+    return bn
+
+
+FROZEN_NODE = {"cpu": "CppFunction", "torch": "_FusedLossEagerBackward", "triton": "_FusedLossEagerBackward"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,layout", CASES + [((4, 3, 5, 5), "strided")], ids=str)
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("uses", ["both", "y_only", "loss_only"])
+def test_frozen_layer_matches_reference_float64(backend, dtype, shape, layout, groups, uses):
+    if shape[0] % groups:
+        pytest.skip("batch not divisible into the groups")
+    if layout == "strided":  # neither layout: a view with a gap (the C++ op reads a copy)
+        x, rm, rv = make_bn_input((shape[0], shape[1], shape[2], 2 * shape[3]), "contiguous", dtype, seed=11)
+        x = x[..., ::2]
+    else:
+        x, rm, rv = make_bn_input(shape, layout, dtype, seed=11)
+    bn = frozen_bn(shape[1], x.dim())
+    bn.running_mean.copy_(rm)
+    bn.running_var.copy_(rv)
+    layer = FusedBNStat(bn, loss_weight=1.7, backend=backend, groups=groups)
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    loss = layer.stat_loss
+    assert type(loss.grad_fn).__name__ == FROZEN_NODE[backend]
+    assert y.dtype == x.dtype and y.shape == x.shape and loss.dtype == torch.float32 and loss.dim() == 0
+    if layout != "strided":
+        assert y.stride() == x.stride()
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    obj = {"both": (y.float() * gy).sum() + 0.3 * loss, "y_only": (y.float() * gy).sum(), "loss_only": 0.3 * loss}[uses]
+    obj.backward()
+
+    xd = x.detach().double().requires_grad_(True)
+    yr, lr = fused_bn_stat_reference(xd, rm.double(), rv.double(), bn.weight.double(), bn.bias.double(), bn.eps, 1.7,
+                                     groups)
+    objr = {"both": (yr * gy.double()).sum() + 0.3 * lr, "y_only": (yr * gy.double()).sum(), "loss_only": 0.3 * lr}[uses]
+    objr.backward()
+    lt, gt = BN_TOL[dtype]
+    ytol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(y.double(), yr.detach(), rtol=ytol, atol=ytol * yr.abs().max().item())
+    torch.testing.assert_close(loss.double(), lr.detach(), rtol=lt, atol=1e-6)
+    assert x.grad.dtype == dtype and x.grad.shape == x.shape
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=0, atol=gt * xd.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_frozen_layer_zero_norm_gives_the_zero_subgradient(backend):
+    # Running statistics equal to the batch's exactly (each channel constant, variance 0):
+    # both norms are 0, and the loss's gradient must be torch's subgradient 0, not NaN.
+    level = torch.tensor([0.5, -1.25, 2.0])
+    x = level.view(1, 3, 1, 1).expand(4, 3, 5, 5).contiguous()
+    bn = frozen_bn(3, 4)
+    bn.running_mean.copy_(level)
+    bn.running_var.zero_()
+    layer = FusedBNStat(bn, backend=backend)
+    xg = x.clone().requires_grad_(True)
+    layer(xg)
+    assert layer.stat_loss.item() == 0.0
+    layer.stat_loss.backward()
+    assert torch.equal(xg.grad, torch.zeros_like(xg))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
+def test_frozen_layer_sees_in_place_changes_of_the_bn(backend):
+    # The layer keeps the frozen BN's scale and shift between calls; an in-place change of
+    # the statistics or the affine parameters (load_state_dict, a user's edit) must reach y.
+    x = torch.randn(2, 4, 3, 3)
+    bn = frozen_bn(4, 4)
+    layer = FusedBNStat(bn, backend=backend)
+    layer(x)
+    new = frozen_bn(4, 4, seed=9).state_dict()
+    bn.load_state_dict(new)
+    y = layer(x)
+    yr, lr = fused_bn_stat_reference(x, new["running_mean"], new["running_var"], new["weight"], new["bias"], bn.eps)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.stat_loss, lr, rtol=1e-5, atol=1e-6)
+    bn.weight.mul_(2.0)
+    torch.testing.assert_close(layer(x), fused_bn_stat_reference(x, bn.running_mean, bn.running_var, bn.weight,
+                                                                 bn.bias, bn.eps)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_layer_path_is_not_taken_when_the_affine_needs_a_gradient():
+    bn = frozen_bn(4, 4)
+    bn.weight.requires_grad_(True)
+    layer = FusedBNStat(bn, backend="cpu")
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    y = layer(x)
+    assert type(layer.stat_loss.grad_fn).__name__ not in FROZEN_NODE.values()
+    (y.sum() + layer.stat_loss).backward()
+    assert bn.weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_frozen_layer_gpu(dtype, layout, groups):
+    x, rm, rv = make_bn_input((32, 96, 28, 28), layout, dtype, seed=4)
+    bn = frozen_bn(96, 4).cuda()
+    bn.running_mean.copy_(rm)
+    bn.running_var.copy_(rv)
+    x = x.cuda()
+    gy = torch.randn(x.shape, device="cuda").to(dtype)
+    xd = x.detach().double().requires_grad_(True)
+    yr, lr = fused_bn_stat_reference(xd, bn.running_mean.double(), bn.running_var.double(), bn.weight.double(),
+                                     bn.bias.double(), bn.eps, 0.5, groups)
+    ((yr * gy.double()).sum() + lr).backward()
+    for be in gpu_backends("bn_stat_loss"):
+        layer = FusedBNStat(bn, loss_weight=0.5, backend=be, groups=groups)
+        xx = x.detach().clone().requires_grad_(True)
+        y = layer(xx)
+        assert type(layer.stat_loss.grad_fn).__name__ == ("CppFunction" if be == "cuda" else "_FusedLossEagerBackward")
+        ((y.float() * gy.float()).sum() + layer.stat_loss).backward()
+        lt, gt = BN_TOL[dtype]
+        torch.testing.assert_close(layer.stat_loss.double(), lr.detach(), rtol=lt, atol=1e-6)
+        torch.testing.assert_close(xx.grad.double(), xd.grad, rtol=0, atol=gt * xd.grad.abs().max().item())
