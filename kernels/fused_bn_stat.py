@@ -138,9 +138,10 @@ class _FusedLossEager(torch.autograd.Function):
         loss = w * sum_g ( ||mean_g - rm|| + ||var_g - rv|| ),
 
     with the norms' gradient written out in the backward instead of recorded as about
-    eight autograd nodes per layer (sub, norm, add, sum, mul and their backwards): on the
-    CPU's default recovery path (ResNet-18, 20 BN layers) that graph was most of the
-    4 ms of Python work per step over the kernels. d||v||/dv = v / ||v||, and 0 where
+    eight autograd nodes per layer (sub, norm, add, sum, mul and their backwards), which on
+    the CPU's default recovery path (ResNet-18, 20 BN layers) cost more than the small
+    layers' kernels. The extension's backends take the same layer as one C++ op
+    (csrc/fused_bn_stat.cpp), which also keeps the backward out of Python. d||v||/dv = v / ||v||, and 0 where
     ||v|| = 0 (torch's subgradient, as vector_norm's backward gives). Frozen BN only:
     the caller takes the general path when weight or bias need a gradient."""
 
@@ -268,7 +269,7 @@ class FusedBNStat(nn.Module):
             raise ValueError("fused_bn_matching: a BatchNorm layer without running statistics "
                              "(track_running_stats=False) has nothing to match")
         check_backend(backend)
-        self._scale_shift: tuple = (None, None, None)  # (key, scale, shift) of the frozen BN, see _frozen_affine
+        self._scale_shift: tuple = (None, None, None, None)  # the frozen BN's scale and shift, see _frozen_affine
         self.weight = bn.weight
         self.bias = bn.bias
         self.register_buffer("running_mean", bn.running_mean)
@@ -294,11 +295,13 @@ class FusedBNStat(nn.Module):
         tensors = (self.running_mean, self.running_var, self.weight, self.bias)
         if any(t is not None and t.requires_grad for t in tensors[2:]):
             return None
-        key = tuple((id(t), t._version) if t is not None else None for t in tensors) + (self.eps,)
-        cached_key, scale, shift = self._scale_shift
-        if key != cached_key:
+        versions = tuple(t._version if t is not None else None for t in tensors) + (self.eps,)
+        # The cache holds the tensors themselves (compared by identity), not their ids, so a
+        # replaced buffer cannot be mistaken for a new one that reuses its address.
+        kept, kept_versions, scale, shift = self._scale_shift
+        if kept is None or versions != kept_versions or any(a is not b for a, b in zip(tensors, kept)):
             scale, shift = _scale_bias(*tensors, self.eps)
-            self._scale_shift = (key, scale, shift)
+            self._scale_shift = (tensors, versions, scale, shift)
         return scale, shift
 
     def forward(self, x: Tensor) -> Tensor:
