@@ -425,3 +425,21 @@ def test_frozen_layer_gpu(dtype, layout, groups):
         lt, gt = BN_TOL[dtype]
         torch.testing.assert_close(layer.stat_loss.double(), lr.detach(), rtol=lt, atol=1e-6)
         torch.testing.assert_close(xx.grad.double(), xd.grad, rtol=0, atol=gt * xd.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("x_layout,dy_layout", [("channels_last", "contiguous"), ("contiguous", "channels_last")])
+def test_frozen_layer_takes_dy_in_another_layout(backend, x_layout, dy_layout):
+    x, rm, rv = make_bn_input((3, 5, 4, 6), x_layout, torch.float32, seed=2)
+    bn = frozen_bn(5, 4)
+    layer = FusedBNStat(bn, backend=backend)
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    gy = torch.randn(x.shape)
+    gy = gy.contiguous(memory_format=torch.channels_last) if dy_layout == "channels_last" else gy.contiguous()
+    torch.autograd.backward([y, layer.stat_loss], [gy, None])
+    xd = x.detach().double().requires_grad_(True)
+    yr, lr = fused_bn_stat_reference(xd, bn.running_mean.double(), bn.running_var.double(), bn.weight.double(),
+                                     bn.bias.double(), bn.eps)
+    torch.autograd.backward([yr, lr], [gy.double(), None])
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=0, atol=2e-5 * xd.grad.abs().max().item())
