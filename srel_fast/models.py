@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 
@@ -292,3 +293,29 @@ def save_checkpoint(path: str, model: nn.Module, spec: ModelSpec, mean, std, cla
         **meta,
     }
     torch_save_atomic(obj, path)
+
+
+@contextlib.contextmanager
+def frozen_weights_in_amp_dtype(model: nn.Module, dtype: torch.dtype | None):
+    """For the with block, the Conv and Linear weights and biases of a frozen model are
+    stored in the autocast dtype (bf16/fp16; None: nothing changes); the float32 tensors
+    come back on exit.
+
+    Why: autocast casts them to that dtype for every forward anyway, and caches the cast
+    only for leaf tensors that require grad, which frozen weights do not: every step
+    re-read and re-wrote every weight (ResNet-18 on the 2-core CPU: about 3 ms a step).
+    Same numbers: the conv and linear ops run on the same cast values either way.
+    BatchNorm keeps its float32 parameters and running statistics (the matching targets)."""
+    saved = []
+    if dtype is not None:
+        for m in model.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                for p in (m.weight, m.bias):
+                    if p is not None and not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                        saved.append((p, p.data))
+                        p.data = p.data.to(dtype)
+    try:
+        yield model
+    finally:
+        for p, data in saved:
+            p.data = data

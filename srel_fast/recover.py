@@ -41,7 +41,7 @@ from .errors import NonFiniteLoss, UserError
 from .files import (REPLACE, RESUME, append_jsonl, check_output, config_differences, environment, read_jsonl,
                     write_json)
 from .images import IMAGE_FORMATS, PIXEL_ROUNDINGS, image_path, save_image
-from .models import MEAN_STD, load_model, require_batchnorm
+from .models import MEAN_STD, frozen_weights_in_amp_dtype, load_model, require_batchnorm
 from .recipes import apply_recipe, get_recipe, resolve_recipe
 from .seeds import derived_seed
 
@@ -362,6 +362,9 @@ class Recoverer:
 
     def __enter__(self) -> "Recoverer":
         cfg = self.cfg
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        for m in self.models:
+            self._stack.enter_context(frozen_weights_in_amp_dtype(m, amp_dtype))
         self.stats = [self._stack.enter_context(bn_matching(m, cfg.first_bn_multiplier, cfg.bn_matching, cfg.backend))
                       for m in self.models]
         self.terms = []

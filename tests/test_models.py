@@ -96,3 +96,39 @@ def test_checkpoint_roundtrip(tmp_path):
         assert torch.equal(loaded.model.state_dict()[k], v)
     with pytest.raises(UserError, match="holds arch 'convnet3'"):
         load_model(path, "resnet18")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frozen_weights_in_amp_dtype_gives_the_same_numbers_and_restores(channels_last):
+    # Autocast casts frozen conv/linear weights to bf16 on every forward; storing them in bf16
+    # beforehand must give bit-identical outputs and input gradients, leave BatchNorm in
+    # float32, and put the float32 tensors back on exit.
+    from srel_fast.models import frozen_weights_in_amp_dtype
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet18", 10, 3, 32)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=fmt)
+
+    def run():
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(xg)
+        out.float().square().sum().backward()
+        return out, xg.grad
+
+    out_ref, grad_ref = run()
+    with frozen_weights_in_amp_dtype(model, torch.bfloat16):
+        assert model.conv1.weight.dtype == torch.bfloat16 and model.fc.weight.dtype == torch.bfloat16
+        assert model.bn1.weight.dtype == torch.float32 and model.bn1.running_var.dtype == torch.float32
+        assert model.conv1.weight.is_contiguous(memory_format=fmt)
+        out, grad = run()
+    assert torch.equal(out, out_ref) and torch.equal(grad, grad_ref)
+    after = model.state_dict()
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
+    with frozen_weights_in_amp_dtype(model, None):  # no autocast: nothing changes
+        assert model.conv1.weight.dtype == torch.float32

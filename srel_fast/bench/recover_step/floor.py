@@ -5,6 +5,8 @@ import time
 
 import torch
 
+from srel_fast.models import frozen_weights_in_amp_dtype
+
 from .device import sync
 
 
@@ -25,6 +27,11 @@ class FloorStep:
         self.x = torch.randn((batch, 3, image_size, image_size), generator=g).to(device)
         self.x = self.x.contiguous(memory_format=fmt).requires_grad_(True)
         self.device, self.amp = device, amp
+        # As the recovery does (srel_fast.recover.Recoverer): the frozen conv and linear
+        # weights stored in the autocast dtype, so that the floor pays no per-step casts either.
+        # This floor's model is its own copy, so the cast is never undone.
+        self._weights = frozen_weights_in_amp_dtype(self.model, amp)
+        self._weights.__enter__()
         self.images_per_iteration = batch
         self.forward = torch.compile(self._forward, dynamic=False) if compiled else self._forward
 
