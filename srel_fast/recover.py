@@ -261,6 +261,10 @@ def cosine_lr(base_lr: float, iteration: int, iterations: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * iteration / iterations)) * base_lr
 
 
+# --amp value -> the autocast dtype of the model ("none": no autocast).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class RealImages:
     """The real training images a recovery starts from (``--init real``): image k of class c
     is entry k of a permutation of class c's images seeded by (seed, c), so a batch's start
@@ -362,7 +366,7 @@ class Recoverer:
 
     def __enter__(self) -> "Recoverer":
         cfg = self.cfg
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        amp_dtype = AMP_DTYPES.get(cfg.amp)
         for m in self.models:
             self._stack.enter_context(frozen_weights_in_amp_dtype(m, amp_dtype))
         self.stats = [self._stack.enter_context(bn_matching(m, cfg.first_bn_multiplier, cfg.bn_matching, cfg.backend))
@@ -390,7 +394,7 @@ class Recoverer:
         x_aug = apply_crops(x, params, (self.size, self.size), cfg.backend, shared=self.shared_ref)
         if cfg.channels_last:
             x_aug = x_aug.contiguous(memory_format=torch.channels_last)
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        amp_dtype = AMP_DTYPES.get(cfg.amp)
         ce = bn = 0
         for model, stats in zip(self.models, self.stats):
             with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
