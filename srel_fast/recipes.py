@@ -62,8 +62,8 @@ _SREL_SQUEEZE = dict(
 # small-image recipe (pad-and-crop shifts, a short cosine schedule) trains a better ConvNet
 # teacher there than ImageNet's RandomResizedCrop recipe (docs/results/quality.md). 15 epochs:
 # on Fashion-MNIST the width-128 ConvNet reaches 91.82% after 10 and 92.40% after 15 (width 64:
-# 91.40 / 92.25); with no other flag its IPC 10 students gained 1.04 points over random real
-# images (two seeds; 10 epochs: 0.50). Digits' 2,000-step floor is longer than either.
+# 91.40 / 92.25); with no other flag its IPC 10 students gained 1.01 points over random real
+# images (three seeds; 10 epochs: 0.50 over two). Digits' 2,000-step floor is longer than either.
 SREL_SMALL_DATA_SQUEEZE = dict(epochs=15, lr=0.05, weight_decay=5e-4, augment="shift")
 SREL_DEFAULT_SQUEEZE = dict(epochs=50, lr=0.2, weight_decay=1e-4, augment="rrc")
 _SREL_RECOVER = dict(
