@@ -40,7 +40,7 @@ class DemoConfig:
     width: int = 32
     ipc: int = 10
     squeeze_epochs: int = 3
-    iterations: int | None = None      # None: the recover stage's rule (srel, small images: 100)
+    iterations: int | None = None      # None: the recover stage's rule (srel, small images: 100; 1,000 at IPC 1)
     train_epochs: int = 300
     # Recipe fields (None: the recipe's "demo" value, else the stage's value of the recipe).
     squeeze_lr: float | None = None

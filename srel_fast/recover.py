@@ -114,13 +114,15 @@ class RecoverConfig:
     def resolved(self, image_size: int, real_data: bool = False) -> "RecoverConfig":
         """Every value filled: the recipe's, then the resolution rules for what it leaves open
         (by image size, and whether the real training data is known: ``real_data``)."""
-        from .recipes import SREL_DEFAULT_RECOVER, SREL_SMALL_DATA_RECOVER
+        from .recipes import SREL_DEFAULT_RECOVER, SREL_SMALL_DATA_IPC1_ITERATIONS, SREL_SMALL_DATA_RECOVER
 
         cfg = apply_recipe(self, "recover")
         big = image_size >= 128
         rules = dict(SREL_DEFAULT_RECOVER, lr=0.25 if big else 0.1, r_bn=0.01 if big else 1.0)
         if not big and real_data:
             rules = dict(SREL_SMALL_DATA_RECOVER)
+            if cfg.ipc == 1:
+                rules["iterations"] = SREL_SMALL_DATA_IPC1_ITERATIONS
         rules["jitter"] = 32 if big else image_size // 16
         return dataclasses.replace(
             cfg, ipc_end=cfg.ipc if cfg.ipc_end is None else cfg.ipc_end,

@@ -98,9 +98,26 @@ def test_recipe_defaults_and_overrides_in_the_saved_config(digits_teacher, tmp_p
     assert run_cli(["recover", "--weights", digits_teacher[0], "--ipc", 1, "--iterations", 2, "--device", "cpu",
                     "--no-progress", "--out", tmp_path / "d"], capsys)[0] == 0
     saved = json.load(open(tmp_path / "d" / "recover_config.json"))
-    # srel on small images with known real data: the class-aware rule (100 iterations)
-    assert saved["config"]["recipe"] == "srel" and saved["recipe"]["overrides"] == {"iterations": {"value": 2, "recipe": 100}}
+    # srel on small images with known real data: the class-aware rule (1,000 iterations at IPC 1)
+    assert saved["config"]["recipe"] == "srel" and saved["recipe"]["overrides"] == {"iterations": {"value": 2, "recipe": 1000}}
     assert saved["recipe"]["from_recipe"]["init"] == "real" and saved["config"]["r_class"] == 1.0
+
+
+@pytest.mark.parametrize("ipc, size, real_data, recipe, iterations", [
+    (1, 28, True, None, 1000),          # srel, small images with real data, IPC 1: the longer recovery
+    (2, 28, True, None, 100),           # ... any other IPC: 100
+    (10, 8, True, None, 100),
+    (1, 28, False, None, 1000),         # no real data: SRe2L's objective from noise, 1,000 at every IPC
+    (10, 28, False, None, 1000),
+    (1, 224, True, None, 1000),         # large images: the paper's objective
+    (1, 28, True, "sre2l-tiny", 4000),  # a paper recipe sets its own
+])
+def test_srel_recovery_iterations_rule(ipc, size, real_data, recipe, iterations):
+    cfg = RecoverConfig(out="", ipc=ipc, recipe=recipe, device="cpu").resolved(size, real_data=real_data)
+    assert cfg.iterations == iterations
+    # An explicit value always wins over the rule.
+    given = RecoverConfig(out="", ipc=ipc, recipe=recipe, iterations=7, device="cpu")
+    assert given.resolved(size, real_data=real_data).iterations == 7
 
 
 def test_train_records_the_imagenet_recipe(digits_teacher, tmp_path):
