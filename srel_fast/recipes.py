@@ -80,8 +80,8 @@ SREL_SMALL_DATA_RECOVER = dict(init="real", r_class=1.0, r_bn=0.0, first_bn_mult
 # At IPC 1 the one image of a class is recovered longer: 1,000 iterations gave better students than
 # 100 on Fashion-MNIST (nine seeds: 81.76 +- 1.23 against 80.62 +- 1.87, 7 of 9 seeds ahead) and on
 # digits (three seeds, +0.37, all ahead), while at IPC 10 they gave worse ones (-0.36, three seeds of
-# three), where the images of a class should stay as diverse as the real ones they start from
-# (docs/results/quality.md). IPC 2-9 were not measured and keep 100.
+# three; not measured why: perhaps the longer pull toward one class's statistics makes its ten
+# images alike) (docs/results/quality.md). IPC 2-9 were not measured and keep 100.
 SREL_SMALL_DATA_IPC1_ITERATIONS = 1000
 SREL_DEFAULT_RECOVER = dict(init="noise", r_class=0.0, first_bn_multiplier=10.0, iterations=1000,
                             crop_mode="batch", min_scale=0.08)
