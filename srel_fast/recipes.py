@@ -166,7 +166,7 @@ RECIPES: dict[str, Recipe] = {
             "r_bn": "0.01 at >= 128 px; small images with real data: 0; else 1.0",
             "jitter": "32 at >= 128 px, else image size // 16",
             **{k: f"small images (< 128 px) with real data: {v}; else {SREL_DEFAULT_RECOVER[k]}"
-               for k, v in SREL_SMALL_DATA_RECOVER.items() if k in SREL_DEFAULT_RECOVER},
+               for k, v in SREL_SMALL_DATA_RECOVER.items() if k in SREL_DEFAULT_RECOVER and k != "iterations"},
             "iterations": (f"small images (< 128 px) with real data: {SREL_SMALL_DATA_IPC1_ITERATIONS} at IPC 1, "
                            f"else {SREL_SMALL_DATA_RECOVER['iterations']}; "
                            f"else {SREL_DEFAULT_RECOVER['iterations']}")}},
