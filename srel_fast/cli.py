@@ -46,6 +46,7 @@ HELP = {
     "init": "start images: noise (N(0,1), the paper) or real (a real training image of the class)",
     "r_class": "weight of the class-aware BN term: each class's statistics matched to its real images' (0: off)",
     "class_images": "class-aware: images of a class recovered and matched together",
+    "init_select": "init real: random, confident (the teacher's most confident first) or herding (iCaRL)",
     "crop_curriculum": "none, or cda: the crops' lower scale bound eases from max to min scale (CDA)",
     "augment": "built-in data: rrc (RandomResizedCrop + flip) or shift (pad, random crop, flip)",
     "ema": "evaluate an exponential moving average of the student's weights with this decay (0: off)",

@@ -47,6 +47,10 @@ from .seeds import derived_seed
 
 CLASS_LAYOUTS = ("consecutive", "round-robin")
 INITS = ("noise", "real")
+INIT_SELECTS = ("random", "confident", "herding")
+# --init-select confident / herding score at most this many real images of a class (a seeded
+# random pool, so the seed still varies the start), one teacher forward pass over each.
+INIT_CANDIDATES = 1000
 CROP_CURRICULA = ("none", "cda")
 
 
@@ -77,6 +81,9 @@ class RecoverConfig:
     normalization: str | None = None   # mean/std for weights that carry none (plain state dicts)
     image_size: int | None = None      # input size for weights that carry none (plain state dicts, --arch alone)
     init: str | None = None            # noise: N(0, 1) (paper) | real: a real training image of the class
+    init_select: str | None = None     # init real: which images of the class: random | confident (the
+                                       # teacher's most confident first) | herding (features' mean kept
+                                       # nearest the class's, iCaRL)
     r_class: float | None = None       # weight of the class-aware BN term (0: off; needs the class statistics)
     class_images: int | None = None    # class-aware: images of a class recovered and matched together
     crop_curriculum: str | None = None  # none | cda: the crops' lower scale bound eases from max_scale to min_scale
@@ -103,7 +110,7 @@ class RecoverConfig:
     RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
         "iterations", "batch_size", "lr", "r_bn", "first_bn_multiplier", "jitter", "jitter_range", "min_scale",
         "max_scale", "crop_mode", "class_layout", "image_format", "jpeg_quality", "pixel_rounding",
-        "normalization", "image_size", "init", "r_class", "class_images", "crop_curriculum")
+        "normalization", "image_size", "init", "init_select", "r_class", "class_images", "crop_curriculum")
     SPEED_SWITCHES: ClassVar[tuple[str, ...]] = (
         "bn_matching", "backend", "amp", "channels_last", "compile", "cuda_graphs", "group_batches", "check_every")
     # Fields that may differ between runs writing into the same output tree (the recipe's
@@ -227,6 +234,8 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"--check-every must be positive, got {cfg.check_every}.")
     if cfg.init not in INITS:
         raise UserError(f"--init must be {' or '.join(INITS)}, got {cfg.init!r}.")
+    if cfg.init_select not in INIT_SELECTS:
+        raise UserError(f"--init-select must be {', '.join(INIT_SELECTS)}, got {cfg.init_select!r}.")
     if cfg.crop_curriculum not in CROP_CURRICULA:
         raise UserError(f"--crop-curriculum must be {' or '.join(CROP_CURRICULA)}, got {cfg.crop_curriculum!r}.")
     if cfg.r_class < 0:
@@ -267,25 +276,90 @@ def cosine_lr(base_lr: float, iteration: int, iterations: int) -> float:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def penultimate_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, logits) of ``images`` under ``model`` in eval mode: features are the input of
+    its last Linear layer (the classifier of every architecture here), flattened."""
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linear:
+        raise UserError("--init-select herding needs a model with a Linear classifier.")
+    device = next(model.parameters()).device
+    seen: list[torch.Tensor] = []
+    hook = linear[-1].register_forward_hook(lambda m, i, o: seen.append(i[0].flatten(1).float()))
+    logits = []
+    try:
+        with torch.no_grad():
+            for x in images.split(batch_size):
+                logits.append(model(x.to(device)).float())
+    finally:
+        hook.remove()
+    return torch.cat(seen).cpu(), torch.cat(logits).cpu()
+
+
+def herding_order(features: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` picks of herding (Welling 2009, as iCaRL selects exemplars): each
+    pick keeps the mean of the (L2-normalised) features picked so far nearest the mean of all."""
+    f = torch.nn.functional.normalize(features.double(), dim=1)
+    target = f.mean(0)
+    picked: list[int] = []
+    total = torch.zeros_like(target)
+    free = torch.ones(len(f), dtype=torch.bool)
+    for k in range(1, min(count, len(f)) + 1):
+        dist = ((total + f) / k - target).norm(dim=1).masked_fill(~free, math.inf)
+        i = int(dist.argmin())
+        picked.append(i)
+        free[i] = False
+        total += f[i]
+    return torch.tensor(picked, dtype=torch.long)
+
+
 class RealImages:
     """The real training images a recovery starts from (``--init real``): image k of class c
-    is entry k of a permutation of class c's images seeded by (seed, c), so a batch's start
-    is a pure function of the config, whatever the order, sharding or resumption."""
+    is entry k of an order of class c's images that is a pure function of the config (seed,
+    class, selection, teacher), whatever the order, sharding or resumption of the batches.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int):
+    ``select`` random: a permutation seeded by (seed, c). confident / herding: the first
+    INIT_CANDIDATES of that permutation are ranked by the teacher (``model``; its most
+    confident on class c first / herding over its features, the first ``count`` picks),
+    the rest follow in seeded order."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int,
+                 select: str = "random", model: torch.nn.Module | None = None, count: int = 1):
         self.images, self.seed = images, seed
+        self.select, self.model, self.count = select, model, count
+        if select != "random" and model is None:
+            raise ValueError(f"init select {select!r} needs the teacher")
         self.by_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
         empty = [c for c, idx in enumerate(self.by_class) if idx.numel() == 0]
         if empty:
             raise UserError(f"--init real: the real data has no images of classes {empty}.")
-        self._order: dict[int, torch.Tensor] = {}   # class -> its seeded permutation, drawn once
+        self._order: dict[int, torch.Tensor] = {}   # class -> its order, drawn once
+        if select != "random":  # now, while the teacher is as loaded (a Recoverer may cast it for AMP)
+            for c in range(num_classes):
+                self.order(c)
+            self.model = None
 
-    def index(self, class_index: int, ipc_index: int) -> int:
+    def order(self, class_index: int) -> torch.Tensor:
         if class_index not in self._order:
             idx = self.by_class[class_index]
             g = torch.Generator().manual_seed(job_seed(self.seed, -1, class_index))
-            self._order[class_index] = idx[torch.randperm(idx.numel(), generator=g)]
-        order = self._order[class_index]
+            order = idx[torch.randperm(idx.numel(), generator=g)]
+            if self.select != "random":
+                pool, rest = order[:INIT_CANDIDATES], order[INIT_CANDIDATES:]
+                features, logits = penultimate_features(self.model, self.images[pool])
+                if self.select == "confident":
+                    ranked = logits.log_softmax(1)[:, class_index].argsort(descending=True, stable=True)
+                else:
+                    first = herding_order(features, self.count)
+                    left = torch.ones(len(pool), dtype=torch.bool)
+                    left[first] = False
+                    ranked = torch.cat([first, torch.nonzero(left).flatten()])
+                order = torch.cat([pool[ranked], rest])
+            self._order[class_index] = order
+        return self._order[class_index]
+
+    def index(self, class_index: int, ipc_index: int) -> int:
+        order = self.order(class_index)
         return int(order[ipc_index % order.numel()])
 
     def pick(self, classes: list[int], ipc_index: int) -> torch.Tensor:
@@ -681,7 +755,8 @@ def run_recover(cfg: RecoverConfig) -> dict:
         real = (norm.normalize(real[0]), real[1])   # once, for the start images and the statistics
     class_stats = ([class_statistics_for(lm, cfg, real, device) for lm in teachers]
                    if cfg.r_class > 0 else None)
-    pool = (RealImages(real[0], real[1], spec.num_classes, cfg.seed)
+    pool = (RealImages(real[0], real[1], spec.num_classes, cfg.seed, cfg.init_select,
+                       loaded.model.to(device).eval(), count=cfg.ipc)
             if cfg.init == "real" and real is not None else None)
     recoverer = Recoverer([lm.model for lm in teachers], norm, spec.image_size, spec.in_channels, cfg, device,
                           real=pool, class_stats=class_stats)

@@ -134,6 +134,90 @@ def test_real_images_are_of_the_class_distinct_and_seeded():
     assert torch.equal(real.pick([4, 7], 2), data.images[[picks[4][2], picks[7][2]]])
 
 
+def _herding_reference(features: list[list[float]], count: int) -> list[int]:
+    """Herding written out in plain Python floats: each step picks the unpicked vector
+    that brings the running mean of the picks nearest the mean of all (normalised)."""
+    unit = [[v / math.sqrt(sum(u * u for u in f)) for v in f] for f in features]
+    mu = [sum(col) / len(unit) for col in zip(*unit)]
+    picked: list[int] = []
+    total = [0.0] * len(mu)
+    for k in range(1, count + 1):
+        best = min((i for i in range(len(unit)) if i not in picked),
+                   key=lambda i: sum(((t + v) / k - m) ** 2 for t, v, m in zip(total, unit[i], mu)))
+        picked.append(best)
+        total = [t + v for t, v in zip(total, unit[best])]
+    return picked
+
+
+@pytest.mark.parametrize("n,d,count", [(9, 3, 4), (30, 7, 30), (50, 16, 10)])
+def test_herding_order_matches_plain_python_reference(n, d, count):
+    from srel_fast.recover import herding_order
+
+    g = torch.Generator().manual_seed(n * 100 + d)
+    features = torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g) + 0.3
+    order = herding_order(features, count)
+    assert order.tolist() == _herding_reference(features.double().tolist(), count)
+    assert len(set(order.tolist())) == min(count, n)
+
+
+def test_penultimate_features_are_the_classifier_input():
+    from srel_fast.recover import penultimate_features
+
+    model = _model(2)
+    x = torch.randn(13, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    features, logits = penultimate_features(model, x, batch_size=4)
+    with torch.no_grad():
+        torch.testing.assert_close(features, model.embed(x).flatten(1))
+        torch.testing.assert_close(logits, model(x))
+        torch.testing.assert_close(model.classifier(features), logits)
+
+
+@pytest.mark.parametrize("select", ["confident", "herding"])
+def test_real_images_chosen_by_the_teacher(digits_teacher, select):
+    """confident: the class's images in the teacher's order of confidence (every image of a
+    digits class is a candidate); herding: the reference's picks over the teacher's features;
+    both of the right class, seeded, and independent of the order classes are asked in."""
+    from srel_fast.recover import INIT_CANDIDATES, penultimate_features
+
+    lm = load_model(digits_teacher[0])
+    data = load_builtin("digits", "train")
+    norm = Normalization(lm.mean, lm.std)
+    images = norm.normalize(data.images)
+    real = RealImages(images, data.labels, 10, seed=3, select=select, model=lm.model.eval(), count=4)
+    assert real.model is None   # chosen at once: nothing is asked of the teacher later
+    for c in (7, 0, 3):
+        idx = torch.nonzero(data.labels == c).flatten()
+        assert idx.numel() <= INIT_CANDIDATES
+        picks = [real.index(c, i) for i in range(4)]
+        assert all(int(data.labels[i]) == c for i in picks)
+        features, logits = penultimate_features(lm.model, images[idx])
+        pos = {int(j): k for k, j in enumerate(idx)}
+        if select == "confident":
+            logp = logits.double().log_softmax(1)[:, c]
+            got = [float(logp[pos[i]]) for i in picks]
+            assert got == sorted(got, reverse=True) and got[0] == float(logp.max())
+        else:
+            order = _herding_reference(features.double().tolist(), 4)
+            # the candidates come in a seeded order: compare as sets of image indices, then the order
+            assert sorted(picks) == sorted(int(idx[k]) for k in order)
+    again = RealImages(images, data.labels, 10, seed=3, select=select, model=lm.model.eval(), count=4)
+    assert [again.index(c, i) for c in range(10) for i in range(4)] == \
+        [real.index(c, i) for c in range(10) for i in range(4)]
+
+
+def test_init_select_is_a_recipe_field_and_validated(digits_teacher, tmp_path):
+    m = run_recover(RecoverConfig(out=str(tmp_path / "h"), weights=digits_teacher[0], ipc=1, iterations=1, lr=0.0,
+                                  device="cpu", progress=False, init_select="herding", seed=2))
+    assert m["config"]["init_select"] == "herding"
+    assert m["recipe"]["overrides"]["init_select"] == {"value": "herding", "recipe": "random"}
+    d = run_recover(RecoverConfig(out=str(tmp_path / "d"), weights=digits_teacher[0], ipc=1, iterations=1, lr=0.0,
+                                  device="cpu", progress=False))
+    assert d["config"]["init_select"] == "random" and "init_select" not in d["recipe"]["overrides"]
+    with pytest.raises(UserError, match="--init-select must be"):
+        run_recover(RecoverConfig(out=str(tmp_path / "x"), weights=digits_teacher[0], ipc=1, device="cpu",
+                                  progress=False, init_select="best"))
+
+
 def test_recovery_from_real_images_starts_at_them(digits_teacher, tmp_path):
     """With no iteration budget spent (lr 0), the saved images are the chosen real images."""
     out = tmp_path / "r"
