@@ -236,6 +236,8 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"--init must be {' or '.join(INITS)}, got {cfg.init!r}.")
     if cfg.init_select not in INIT_SELECTS:
         raise UserError(f"--init-select must be {', '.join(INIT_SELECTS)}, got {cfg.init_select!r}.")
+    if cfg.init_select != "random" and cfg.init != "real":
+        raise UserError(f"--init-select {cfg.init_select} chooses real start images: it needs --init real.")
     if cfg.crop_curriculum not in CROP_CURRICULA:
         raise UserError(f"--crop-curriculum must be {' or '.join(CROP_CURRICULA)}, got {cfg.crop_curriculum!r}.")
     if cfg.r_class < 0:
@@ -282,7 +284,7 @@ def penultimate_features(model: torch.nn.Module, images: torch.Tensor, batch_siz
     its last Linear layer (the classifier of every architecture here), flattened."""
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linear:
-        raise UserError("--init-select herding needs a model with a Linear classifier.")
+        raise UserError("--init-select confident / herding needs a model with a Linear classifier.")
     device = next(model.parameters()).device
     seen: list[torch.Tensor] = []
     hook = linear[-1].register_forward_hook(lambda m, i, o: seen.append(i[0].flatten(1).float()))
@@ -319,7 +321,8 @@ class RealImages:
     class, selection, teacher), whatever the order, sharding or resumption of the batches.
 
     ``select`` random: a permutation seeded by (seed, c). confident / herding: the first
-    INIT_CANDIDATES of that permutation are ranked by the teacher (``model``; its most
+    INIT_CANDIDATES of that permutation are ranked by the teacher (``model``, the first of
+    several; its most
     confident on class c first / herding over its features, the first ``count`` picks),
     the rest follow in seeded order."""
 

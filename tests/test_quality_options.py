@@ -216,6 +216,9 @@ def test_init_select_is_a_recipe_field_and_validated(digits_teacher, tmp_path):
     with pytest.raises(UserError, match="--init-select must be"):
         run_recover(RecoverConfig(out=str(tmp_path / "x"), weights=digits_teacher[0], ipc=1, device="cpu",
                                   progress=False, init_select="best"))
+    with pytest.raises(UserError, match="needs --init real"):
+        run_recover(RecoverConfig(out=str(tmp_path / "n"), weights=digits_teacher[0], ipc=1, device="cpu",
+                                  progress=False, init="noise", init_select="herding"))
 
 
 def test_recovery_from_real_images_starts_at_them(digits_teacher, tmp_path):
