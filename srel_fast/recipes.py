@@ -81,8 +81,8 @@ SREL_SMALL_DATA_RECOVER = dict(init="real", r_class=1.0, r_bn=0.0, first_bn_mult
 # 100 on Fashion-MNIST (nine seeds: 81.76 +- 1.23 against 80.62 +- 1.87, 7 of 9 seeds ahead) and on
 # digits (three seeds, +0.37, all ahead), while at IPC 10 they gave worse ones (-0.36, three seeds of
 # three; not measured why: perhaps the longer pull toward one class's statistics makes its ten
-# images alike) (docs/results/quality.md). At IPC 2 and 5 the two lengths were level (-0.04, -0.20;
-# three seeds each), so IPC 2 and up keep 100.
+# images alike) (docs/results/quality.md). At IPC 2 and 5 the two lengths were level (Fashion-MNIST
+# -0.04 and -0.20, digits IPC 2 +0.15; three seeds each), so IPC 2 and up keep 100.
 SREL_SMALL_DATA_IPC1_ITERATIONS = 1000
 SREL_DEFAULT_RECOVER = dict(init="noise", r_class=0.0, first_bn_multiplier=10.0, iterations=1000,
                             crop_mode="batch", min_scale=0.08)
