@@ -322,9 +322,8 @@ class RealImages:
 
     ``select`` random: a permutation seeded by (seed, c). confident / herding: the first
     INIT_CANDIDATES of that permutation are ranked by the teacher (``model``, the first of
-    several; its most
-    confident on class c first / herding over its features, the first ``count`` picks),
-    the rest follow in seeded order."""
+    several; its most confident on class c first / herding over its features, the first
+    ``count`` picks), the rest follow in seeded order."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int,
                  select: str = "random", model: torch.nn.Module | None = None, count: int = 1):
@@ -758,8 +757,8 @@ def run_recover(cfg: RecoverConfig) -> dict:
         real = (norm.normalize(real[0]), real[1])   # once, for the start images and the statistics
     class_stats = ([class_statistics_for(lm, cfg, real, device) for lm in teachers]
                    if cfg.r_class > 0 else None)
-    pool = (RealImages(real[0], real[1], spec.num_classes, cfg.seed, cfg.init_select,
-                       loaded.model.to(device).eval(), count=cfg.ipc)
+    ranker = loaded.model.to(device).eval() if cfg.init_select != "random" else None
+    pool = (RealImages(real[0], real[1], spec.num_classes, cfg.seed, cfg.init_select, ranker, count=cfg.ipc)
             if cfg.init == "real" and real is not None else None)
     recoverer = Recoverer([lm.model for lm in teachers], norm, spec.image_size, spec.in_channels, cfg, device,
                           real=pool, class_stats=class_stats)
