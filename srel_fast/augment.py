@@ -28,13 +28,14 @@ JITTER_RANGES = ("nonnegative", "symmetric")
 
 def draw_crop_params(n: int, height: int, width: int, generator: torch.Generator, *, per_image: bool,
                      scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter: int = 0,
-                     jitter_range: str = "nonnegative") -> CropParams:
+                     jitter_range: str = "nonnegative", out_size: tuple[int, int] | None = None) -> CropParams:
     """Crop boxes, flips and rolls for ``n`` images of ``height x width`` (one draw for
     the batch unless ``per_image``). The roll is drawn from ``0..jitter`` (nonnegative:
     the official ImageNet code's ``random.randint(0, jitter)``) or ``-jitter..jitter``
     (symmetric: the official Tiny-ImageNet code's ``random.randint(-jitter, jitter)``),
-    both ends included; it is returned modulo the image size (a roll is circular, so a
-    roll by -k is a roll by size - k), which is also the crop's output size in recovery."""
+    both ends included; it is returned modulo the crop's output size ``out_size`` (a roll is
+    circular, so a roll by -k is a roll by size - k; default: the image size, which is the
+    output size in recovery unless it upsamples tiles)."""
     if jitter_range not in JITTER_RANGES:
         raise ValueError(f"jitter_range must be one of {JITTER_RANGES}, got {jitter_range!r}")
     device = generator.device
@@ -46,7 +47,7 @@ def draw_crop_params(n: int, height: int, width: int, generator: torch.Generator
     if jitter <= 0:
         return CropParams(boxes, flip, None)
     if symmetric:
-        shift = torch.remainder(shift, torch.tensor([height, width], device=device))
+        shift = torch.remainder(shift, torch.tensor(out_size or (height, width), device=device))
     return CropParams(boxes, flip, shift)
 
 

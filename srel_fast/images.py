@@ -31,6 +31,40 @@ def image_path(out: str, class_index: int, ipc_index: int, fmt: str = "png") -> 
     return os.path.join(class_dir(out, class_index), f"ipc{ipc_index:05d}.{fmt}")
 
 
+def pack_tiles(tiles: torch.Tensor, per_side: int) -> torch.Tensor:
+    """(n * k * k, C, h, w) -> (n, C, k * h, k * w): tile t of image i (tiles i*k*k .. i*k*k+k*k-1)
+    goes to row t // k, column t % k (IDC's multi-formation storage)."""
+    k = per_side
+    if k == 1:
+        return tiles
+    n, c, h, w = tiles.shape
+    if n % (k * k):
+        raise ValueError(f"{n} tiles do not fill images of {k} x {k} tiles")
+    return tiles.reshape(n // (k * k), k, k, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(n // (k * k), c, k * h, k * w)
+
+
+def unpack_tiles(images: torch.Tensor, per_side: int) -> torch.Tensor:
+    """The inverse of pack_tiles: (n, C, H, W) -> (n * k * k, C, H / k, W / k)."""
+    k = per_side
+    n, c, hh, ww = images.shape
+    if hh % k or ww % k:
+        raise ValueError(f"images of {hh} x {ww} do not split into {k} x {k} tiles")
+    h, w = hh // k, ww // k
+    return images.reshape(n, c, k, h, k, w).permute(0, 2, 4, 1, 3, 5).reshape(n * k * k, c, h, w)
+
+
+def decode_tiles(images: torch.Tensor, per_side: int) -> torch.Tensor:
+    """Stored images of k x k tiles -> k*k images each, upsampled to the stored size the way
+    recovery saw them (the multi-crop resize of the whole tile: bilinear, align_corners=False,
+    no antialias)."""
+    if per_side == 1:
+        return images
+    tiles = unpack_tiles(images, per_side)
+    tiles = tiles if tiles.is_floating_point() else tiles.float()
+    return torch.nn.functional.interpolate(tiles, size=images.shape[-2:], mode="bilinear", align_corners=False,
+                                           antialias=False)
+
+
 IMAGE_FORMATS = ("png", "jpg")
 PIXEL_ROUNDINGS = ("round", "truncate")
 
@@ -126,12 +160,15 @@ def save_grid(path: str, images01: torch.Tensor, labels: torch.Tensor, per_class
 
 def load_synthetic(root: str, teacher: "LoadedModel | None", device) -> tuple[torch.Tensor, torch.Tensor, Normalization]:
     """Synthetic tree -> normalised float images on ``device``, labels, normalisation.
-    The normalisation is the recovery run's (manifest) or the teacher's."""
+    The normalisation is the recovery run's (manifest) or the teacher's. Images recovered
+    with ``tiles_per_side`` k > 1 come back decoded: k*k full-size images each."""
     config_path = os.path.join(root, "recover_config.json")
+    per_side = 1
     if os.path.exists(config_path):
         rec = read_json(config_path)
         norm = Normalization(tuple(rec["mean"]), tuple(rec["std"]))
         n_cls = len(rec["classes"])
+        per_side = int(rec["config"].get("tiles_per_side") or 1)
     elif teacher is not None:
         norm, n_cls = Normalization(teacher.mean, teacher.std), teacher.spec.num_classes
     else:
@@ -144,4 +181,5 @@ def load_synthetic(root: str, teacher: "LoadedModel | None", device) -> tuple[to
         raise UserError(f"the teacher has {teacher.spec.num_classes} classes but the synthetic set {root} has {n_cls}.")
     if int(labels.max()) >= n_cls:
         raise UserError(f"the synthetic set {root} has class folders beyond its {n_cls} classes.")
-    return norm.normalize(images.to(device)), labels.to(device), norm
+    images = decode_tiles(norm.normalize(images.to(device)), per_side)
+    return images, labels.to(device).repeat_interleave(per_side * per_side), norm

@@ -69,7 +69,7 @@ SREL_DEFAULT_SQUEEZE = dict(epochs=50, lr=0.2, weight_decay=1e-4, augment="rrc")
 _SREL_RECOVER = dict(
     batch_size=100, jitter_range="nonnegative", max_scale=1.0, class_layout="round-robin", image_format="png",
     jpeg_quality=95, pixel_rounding="round", normalization="imagenet", image_size=224, crop_curriculum="none",
-    class_images=10, init_select="random",
+    class_images=10, init_select="random", tiles_per_side=1,
 )
 # srel's recovery for small images (< 128 px) whose real training data is known (the
 # checkpoint's data set or --data): start from real images of the class and match each
@@ -142,7 +142,7 @@ _SREL_DEMO_RULES = {k: "the recover stage's rule" for k in ("recover_lr", "r_bn"
 _OFFICIAL_RECOVER = dict(
     iterations=4000, batch_size=100, first_bn_multiplier=10.0, min_scale=0.08, max_scale=1.0, crop_mode="batch",
     class_layout="consecutive", image_format="jpg", jpeg_quality=75, pixel_rounding="truncate",
-    init="noise", r_class=0.0, class_images=10, crop_curriculum="none", init_select="random",
+    init="noise", r_class=0.0, class_images=10, crop_curriculum="none", init_select="random", tiles_per_side=1,
 )
 
 RECIPES: dict[str, Recipe] = {

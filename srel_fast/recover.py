@@ -40,7 +40,7 @@ from .data import Normalization, check_data_path, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
 from .files import (REPLACE, RESUME, append_jsonl, check_output, config_differences, environment, read_jsonl,
                     write_json)
-from .images import IMAGE_FORMATS, PIXEL_ROUNDINGS, image_path, save_image
+from .images import IMAGE_FORMATS, PIXEL_ROUNDINGS, image_path, pack_tiles, save_image
 from .models import MEAN_STD, frozen_weights_in_amp_dtype, load_model, require_batchnorm
 from .recipes import apply_recipe, get_recipe, resolve_recipe
 from .seeds import derived_seed
@@ -86,6 +86,9 @@ class RecoverConfig:
                                        # nearest the class's, iCaRL)
     r_class: float | None = None       # weight of the class-aware BN term (0: off; needs the class statistics)
     class_images: int | None = None    # class-aware: images of a class recovered and matched together
+    tiles_per_side: int | None = None  # k: each stored image holds k x k images of its class at 1/k of
+                                       # the size (IDC's multi-formation), each optimised as a full-size
+                                       # image (the crop upsamples it); 1: off
     crop_curriculum: str | None = None  # none | cda: the crops' lower scale bound eases from max_scale to min_scale
     data: str | None = None            # real training data for --init real and the class statistics
                                        # (default: the data set the --weights checkpoint was trained on)
@@ -110,7 +113,8 @@ class RecoverConfig:
     RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
         "iterations", "batch_size", "lr", "r_bn", "first_bn_multiplier", "jitter", "jitter_range", "min_scale",
         "max_scale", "crop_mode", "class_layout", "image_format", "jpeg_quality", "pixel_rounding",
-        "normalization", "image_size", "init", "init_select", "r_class", "class_images", "crop_curriculum")
+        "normalization", "image_size", "init", "init_select", "r_class", "class_images", "crop_curriculum",
+        "tiles_per_side")
     SPEED_SWITCHES: ClassVar[tuple[str, ...]] = (
         "bn_matching", "backend", "amp", "channels_last", "compile", "cuda_graphs", "group_batches", "check_every")
     # Fields that may differ between runs writing into the same output tree (the recipe's
@@ -238,6 +242,8 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"--init-select must be {', '.join(INIT_SELECTS)}, got {cfg.init_select!r}.")
     if cfg.init_select != "random" and cfg.init != "real":
         raise UserError(f"--init-select {cfg.init_select} chooses real start images: it needs --init real.")
+    if cfg.tiles_per_side < 1:
+        raise UserError(f"--tiles-per-side must be >= 1, got {cfg.tiles_per_side}.")
     if cfg.crop_curriculum not in CROP_CURRICULA:
         raise UserError(f"--crop-curriculum must be {' or '.join(CROP_CURRICULA)}, got {cfg.crop_curriculum!r}.")
     if cfg.r_class < 0:
@@ -408,6 +414,13 @@ class Recoverer:
         self.class_aware = cfg.r_class > 0
         self.norm = norm
         self.size = image_size
+        # --tiles-per-side k: the optimised images are the k*k tiles of each stored image, at
+        # 1/k of the size; every crop of a tile is resized to the full size the model takes.
+        self.per_side = cfg.tiles_per_side
+        if image_size % self.per_side:
+            raise UserError(f"--tiles-per-side {self.per_side} must divide the image size {image_size}.")
+        self.tile = image_size // self.per_side
+        self.tiles = self.per_side ** 2   # optimised images per stored image
         self.channels = channels
         self.cfg = cfg
         self.device = device
@@ -491,13 +504,24 @@ class Recoverer:
     def initial_images(self, n: int, seed: int) -> torch.Tensor:
         # Drawn on the CPU so the start point does not depend on the device.
         g = torch.Generator().manual_seed(seed)
-        return torch.randn((n, self.channels, self.size, self.size), generator=g).to(self.device)
+        return torch.randn((n, self.channels, self.tile, self.tile), generator=g).to(self.device)
 
     def start_images(self, jobs: list[tuple[list[int], int, int]]) -> torch.Tensor:
-        """The seeded start of each job (classes, ipc index, batch index), stacked."""
+        """The seeded start of each job (classes, ipc index, batch index), stacked: the
+        ``tiles`` optimised images of each class in turn."""
         if self.cfg.init == "real":
-            return torch.cat([self.real.pick(classes, i) for classes, i, _ in jobs]).to(self.device)
-        return torch.cat([self.initial_images(len(classes), job_seed(self.cfg.seed, i, b)) for classes, i, b in jobs])
+            return torch.cat([self.real_tiles(classes, i) for classes, i, _ in jobs]).to(self.device)
+        return torch.cat([self.initial_images(len(classes) * self.tiles, job_seed(self.cfg.seed, i, b))
+                          for classes, i, b in jobs])
+
+    def real_tiles(self, classes: list[int], ipc_index: int) -> torch.Tensor:
+        """Real start images of stored image ``ipc_index`` of each class: its k*k tiles are the
+        class's real images k*k*ipc_index ... k*k*ipc_index + k*k - 1, area-downsampled to the
+        tile size (one image, unchanged, when k is 1)."""
+        if self.tiles == 1:
+            return self.real.pick(classes, ipc_index)
+        index = [self.real.index(c, ipc_index * self.tiles + t) for c in classes for t in range(self.tiles)]
+        return F.interpolate(self.real.images[index].float(), size=(self.tile, self.tile), mode="area")
 
     def optimizer(self, x: torch.Tensor) -> torch.optim.Adam:
         """The original code's Adam(betas 0.5, 0.9) on the images, as the fused implementation
@@ -515,7 +539,7 @@ class Recoverer:
         key = n
         if key not in self._buffers:
             fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-            buf = torch.empty((n, self.channels, self.size, self.size), device=self.device, memory_format=fmt)
+            buf = torch.empty((n, self.channels, self.tile, self.tile), device=self.device, memory_format=fmt)
             if self.cuda_graphs:
                 torch._dynamo.mark_static_address(buf)
             self._buffers[key] = buf.requires_grad_(True)
@@ -542,9 +566,9 @@ class Recoverer:
     def _crop_params(self, n: int, generators: list[torch.Generator], it: int = 0) -> CropParams:
         cfg = self.cfg
         per = n // len(generators)
-        ps = [draw_crop_params(per, self.size, self.size, g, per_image=self.per_image,
+        ps = [draw_crop_params(per, self.tile, self.tile, g, per_image=self.per_image,
                                scale=(self.min_scale_at(it), cfg.max_scale), jitter=cfg.jitter,
-                               jitter_range=cfg.jitter_range) for g in generators]
+                               jitter_range=cfg.jitter_range, out_size=(self.size, self.size)) for g in generators]
         if len(ps) == 1:
             return ps[0]
         return CropParams(torch.cat([p.boxes for p in ps]), torch.cat([p.flip for p in ps]),
@@ -583,10 +607,11 @@ class Recoverer:
         the stacked convolutions may differ from running it alone. A group that meets
         a non-finite loss is re-run batch by batch, so only the diverging batch fails."""
         cfg = self.cfg
-        g, per = len(jobs), len(jobs[0][0])
+        g, per = len(jobs), len(jobs[0][0]) * self.tiles   # optimised images per batch
         seeds = [job_seed(cfg.seed, i, b) for _, i, b in jobs]
         x = self.batch_images(g * per, self.start_images(jobs))
-        targets = torch.tensor([c for classes, _, _ in jobs for c in classes], device=self.device)
+        targets = torch.tensor([c for classes, _, _ in jobs for c in classes for _ in range(self.tiles)],
+                               device=self.device)
         gens = [torch.Generator(device=self.device).manual_seed(s + 1) for s in seeds]
         opt = self.optimizer(x)
         self.group_size = per if g > 1 else 0
@@ -611,7 +636,7 @@ class Recoverer:
                             return [self.run_group([job], on_iteration)[0] for job in jobs]
                         return [BatchResult(i, b, classes, ce.item(), float(bn.detach().sum()), loss_v,
                                             time.perf_counter() - start, "nonfinite", checked_at,
-                                            last_good[k * per:(k + 1) * per])
+                                            pack_tiles(last_good[k * per:(k + 1) * per], self.per_side))
                                 for k, (classes, i, b) in enumerate(jobs)]
                     last_good, checked_at = x.detach().clone(), it + 1
                     if on_iteration is not None:
@@ -626,13 +651,16 @@ class Recoverer:
         cls = float(bn[1].detach()) / g if self.class_aware else 0.0
         bn_v = float((bn[0] if self.class_aware else bn).detach())
         return [BatchResult(i, b, classes, ce.item() / g, bn_v / g, loss_v / g, seconds / g, "ok",
-                            cfg.iterations, last_good[k * per:(k + 1) * per], class_term=cls)
+                            cfg.iterations, pack_tiles(last_good[k * per:(k + 1) * per], self.per_side),
+                            class_term=cls)
                 for k, (classes, i, b) in enumerate(jobs)]
 
 
 def _upgrade_config(config: dict) -> dict:
     """A recover_config.json of an older version in today's fields: before --bn-matching,
-    ``backend: torch`` meant the original code's hooks with the plain-PyTorch kernels."""
+    ``backend: torch`` meant the original code's hooks with the plain-PyTorch kernels; before
+    --tiles-per-side every stored image was one image (1)."""
+    config = dict(config, tiles_per_side=config.get("tiles_per_side", 1))
     if "bn_matching" in config:
         return config
     return dict(config, bn_matching="hooks" if config.get("backend") == "torch" else "fused")
@@ -758,7 +786,8 @@ def run_recover(cfg: RecoverConfig) -> dict:
     class_stats = ([class_statistics_for(lm, cfg, real, device) for lm in teachers]
                    if cfg.r_class > 0 else None)
     ranker = loaded.model.to(device).eval() if cfg.init_select != "random" else None
-    pool = (RealImages(real[0], real[1], spec.num_classes, cfg.seed, cfg.init_select, ranker, count=cfg.ipc)
+    pool = (RealImages(real[0], real[1], spec.num_classes, cfg.seed, cfg.init_select, ranker,
+                       count=cfg.ipc * cfg.tiles_per_side ** 2)
             if cfg.init == "real" and real is not None else None)
     recoverer = Recoverer([lm.model for lm in teachers], norm, spec.image_size, spec.in_channels, cfg, device,
                           real=pool, class_stats=class_stats)
