@@ -96,7 +96,8 @@ def run_demo(cfg: DemoConfig) -> dict:
          f"lr {rc['lr']}, crop mode {rc['crop_mode']}")
     syn_images, syn_labels, norm = load_synthetic(syn_dir, teacher, device)
     grid_path = os.path.join(cfg.out, "synthetic_grid.png")
-    save_grid(grid_path, load_tree(syn_dir)[0].float() / 255, syn_labels.cpu(), per_class=cfg.ipc)
+    stored_images, stored_labels, _ = load_tree(syn_dir)   # as stored (tiled images undecoded)
+    save_grid(grid_path, stored_images.float() / 255, stored_labels, per_class=cfg.ipc)
 
     train_data = load_builtin(cfg.data, "train", cfg.seed)
     real_u8, real_labels = random_real_subset(train_data, cfg.ipc, cfg.seed)

@@ -69,14 +69,14 @@ SREL_DEFAULT_SQUEEZE = dict(epochs=50, lr=0.2, weight_decay=1e-4, augment="rrc")
 _SREL_RECOVER = dict(
     batch_size=100, jitter_range="nonnegative", max_scale=1.0, class_layout="round-robin", image_format="png",
     jpeg_quality=95, pixel_rounding="round", normalization="imagenet", image_size=224, crop_curriculum="none",
-    class_images=10, init_select="random", tiles_per_side=1,
+    class_images=10, init_select="random",
 )
 # srel's recovery for small images (< 128 px) whose real training data is known (the
 # checkpoint's data set or --data): start from real images of the class and match each
 # class's own BN statistics instead of the running ones (measured on Fashion-MNIST and
 # digits, docs/results/quality.md). Otherwise SRe2L's objective from noise.
 SREL_SMALL_DATA_RECOVER = dict(init="real", r_class=1.0, r_bn=0.0, first_bn_multiplier=1.0, lr=0.03,
-                               iterations=100, crop_mode="image", min_scale=0.5)
+                               iterations=100, crop_mode="image", min_scale=0.5, tiles_per_side=1)
 # At IPC 1 the one image of a class is recovered longer: 1,000 iterations gave better students than
 # 100 on Fashion-MNIST (nine seeds: 81.76 +- 1.23 against 80.62 +- 1.87, 7 of 9 seeds ahead) and on
 # digits (three seeds, +0.37, all ahead), while at IPC 10 they gave worse ones (-0.36, three seeds of
@@ -84,8 +84,16 @@ SREL_SMALL_DATA_RECOVER = dict(init="real", r_class=1.0, r_bn=0.0, first_bn_mult
 # images alike) (docs/results/quality.md). At IPC 2 and 5 the two lengths were level (Fashion-MNIST
 # -0.04 and -0.20, digits IPC 2 +0.15; three seeds each), so IPC 2 and up keep 100.
 SREL_SMALL_DATA_IPC1_ITERATIONS = 1000
+# At IPC 1 the one stored image of a class holds 2 x 2 images at half the size (IDC's
+# multi-formation) on images of at least SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE px (14-px tiles): on
+# Fashion-MNIST the students gained 1.18 points over one recovered image per class (84.14 against
+# 82.96, three seeds, every seed ahead), 3.83 over one random real image. On digits (8 px: 4-px
+# tiles) they lost 5.9 points (three seeds), and at Fashion-MNIST IPC 10 (400 tiles) 4.2 (85.14
+# against 89.33, seed 0): there the tiles' lost detail costs more than their number brings
+# (docs/results/quality.md).
+SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE = 28
 SREL_DEFAULT_RECOVER = dict(init="noise", r_class=0.0, first_bn_multiplier=10.0, iterations=1000,
-                            crop_mode="batch", min_scale=0.08)
+                            crop_mode="batch", min_scale=0.08, tiles_per_side=1)
 # CutMix in every student batch (as the official ImageNet student): on Fashion-MNIST IPC 10 it lifted both the
 # synthetic and the random-real students, the synthetic more (docs/results/quality.md).
 _SREL_RELABEL = dict(batch_size=100, temperature=20.0, min_scale=0.08, max_scale=1.0, cutmix=1.0,
@@ -167,7 +175,10 @@ RECIPES: dict[str, Recipe] = {
             "r_bn": "0.01 at >= 128 px; small images with real data: 0; else 1.0",
             "jitter": "32 at >= 128 px, else image size // 16",
             **{k: f"small images (< 128 px) with real data: {v}; else {SREL_DEFAULT_RECOVER[k]}"
-               for k, v in SREL_SMALL_DATA_RECOVER.items() if k in SREL_DEFAULT_RECOVER and k != "iterations"},
+               for k, v in SREL_SMALL_DATA_RECOVER.items()
+               if k in SREL_DEFAULT_RECOVER and k not in ("iterations", "tiles_per_side")},
+            "tiles_per_side": (f"small images (< 128 px) with real data: 2 at IPC 1 for images of at least "
+                               f"{SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE} px, else 1; else 1"),
             "iterations": (f"small images (< 128 px) with real data: {SREL_SMALL_DATA_IPC1_ITERATIONS} at IPC 1, "
                            f"else {SREL_SMALL_DATA_RECOVER['iterations']}; "
                            f"else {SREL_DEFAULT_RECOVER['iterations']}")}},

@@ -125,7 +125,8 @@ class RecoverConfig:
     def resolved(self, image_size: int, real_data: bool = False) -> "RecoverConfig":
         """Every value filled: the recipe's, then the resolution rules for what it leaves open
         (by image size, and whether the real training data is known: ``real_data``)."""
-        from .recipes import SREL_DEFAULT_RECOVER, SREL_SMALL_DATA_IPC1_ITERATIONS, SREL_SMALL_DATA_RECOVER
+        from .recipes import (SREL_DEFAULT_RECOVER, SREL_SMALL_DATA_IPC1_ITERATIONS, SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE,
+                              SREL_SMALL_DATA_RECOVER)
 
         cfg = apply_recipe(self, "recover")
         big = image_size >= 128
@@ -134,6 +135,8 @@ class RecoverConfig:
             rules = dict(SREL_SMALL_DATA_RECOVER)
             if cfg.ipc == 1:
                 rules["iterations"] = SREL_SMALL_DATA_IPC1_ITERATIONS
+                if image_size >= SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE:
+                    rules["tiles_per_side"] = 2
         rules["jitter"] = 32 if big else image_size // 16
         return dataclasses.replace(
             cfg, ipc_end=cfg.ipc if cfg.ipc_end is None else cfg.ipc_end,

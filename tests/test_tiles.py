@@ -128,3 +128,13 @@ def test_tiles_per_side_is_validated(digits_teacher, tmp_path):
     with pytest.raises(UserError, match="must divide the image size 8"):
         run_recover(RecoverConfig(out=str(tmp_path / "three"), weights=digits_teacher[0], ipc=1, device="cpu",
                                   progress=False, tiles_per_side=3))
+
+
+@pytest.mark.parametrize("ipc,size,real,want", [(1, 28, True, 2), (1, 32, True, 2), (2, 28, True, 1),
+                                               (10, 28, True, 1), (1, 8, True, 1), (1, 28, False, 1),
+                                               (1, 224, True, 1)])
+def test_srel_tiles_at_ipc_1_on_small_images_with_real_data(ipc, size, real, want):
+    assert RecoverConfig(out="", ipc=ipc).resolved(size, real_data=real).tiles_per_side == want
+    # an explicit value wins over the rule, as does a paper recipe's
+    assert RecoverConfig(out="", ipc=ipc, tiles_per_side=3).resolved(size, real_data=real).tiles_per_side == 3
+    assert RecoverConfig(out="", ipc=ipc, recipe="sre2l-tiny").resolved(size, real_data=real).tiles_per_side == 1
