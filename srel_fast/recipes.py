@@ -177,8 +177,8 @@ RECIPES: dict[str, Recipe] = {
             **{k: f"small images (< 128 px) with real data: {v}; else {SREL_DEFAULT_RECOVER[k]}"
                for k, v in SREL_SMALL_DATA_RECOVER.items()
                if k in SREL_DEFAULT_RECOVER and k not in ("iterations", "tiles_per_side")},
-            "tiles_per_side": (f"small images (< 128 px) with real data: 2 at IPC 1 for images of at least "
-                               f"{SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE} px, else 1; else 1"),
+            "tiles_per_side": (f"small images (< 128 px) with real data: 2 at IPC 1 for images of an even size "
+                               f"of at least {SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE} px, else 1; else 1"),
             "iterations": (f"small images (< 128 px) with real data: {SREL_SMALL_DATA_IPC1_ITERATIONS} at IPC 1, "
                            f"else {SREL_SMALL_DATA_RECOVER['iterations']}; "
                            f"else {SREL_DEFAULT_RECOVER['iterations']}")}},

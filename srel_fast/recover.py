@@ -135,7 +135,7 @@ class RecoverConfig:
             rules = dict(SREL_SMALL_DATA_RECOVER)
             if cfg.ipc == 1:
                 rules["iterations"] = SREL_SMALL_DATA_IPC1_ITERATIONS
-                if image_size >= SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE:
+                if image_size >= SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE and image_size % 2 == 0:
                     rules["tiles_per_side"] = 2
         rules["jitter"] = 32 if big else image_size // 16
         return dataclasses.replace(

@@ -130,7 +130,7 @@ def test_tiles_per_side_is_validated(digits_teacher, tmp_path):
                                   progress=False, tiles_per_side=3))
 
 
-@pytest.mark.parametrize("ipc,size,real,want", [(1, 28, True, 2), (1, 32, True, 2), (2, 28, True, 1),
+@pytest.mark.parametrize("ipc,size,real,want", [(1, 28, True, 2), (1, 32, True, 2), (1, 29, True, 1), (2, 28, True, 1),
                                                (10, 28, True, 1), (1, 8, True, 1), (1, 28, False, 1),
                                                (1, 224, True, 1)])
 def test_srel_tiles_at_ipc_1_on_small_images_with_real_data(ipc, size, real, want):
