@@ -88,9 +88,10 @@ SREL_SMALL_DATA_IPC1_ITERATIONS = 1000
 # multi-formation) on images of at least SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE px (14-px tiles): on
 # Fashion-MNIST the students gained 1.18 points over one recovered image per class (84.14 against
 # 82.96, three seeds, every seed ahead), 3.83 over one random real image. On digits (8 px: 4-px
-# tiles) they lost 5.9 points (three seeds), and at Fashion-MNIST IPC 10 (400 tiles) 4.2 (85.14
-# against 89.33, seed 0): there the tiles' lost detail costs more than their number brings
-# (docs/results/quality.md).
+# tiles) they lost 5.9 points (three seeds). At Fashion-MNIST IPC 2, recovered as long as at IPC 1,
+# they were level with untiled images (+0.09, four seeds) at four times the student's cost, and at
+# IPC 5 and 10 they lost (-2.43 and -4.19, one seed each): there the tiles' lost detail costs more
+# than their number brings (docs/results/quality.md).
 SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE = 28
 SREL_DEFAULT_RECOVER = dict(init="noise", r_class=0.0, first_bn_multiplier=10.0, iterations=1000,
                             crop_mode="batch", min_scale=0.08, tiles_per_side=1)
