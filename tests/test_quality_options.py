@@ -64,6 +64,19 @@ def test_collect_class_statistics_matches_float64_formula():
 def test_class_aware_terms_and_gradient_match_float64_reference(matching, backend, per, groups):
     """The (paper, class) terms of the hooks and of the fused kernels from per-image
     moments, and their input gradient, against the obvious float64 formula."""
+    _check_class_aware_terms(matching, backend, per, groups, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda", "auto"])
+@pytest.mark.parametrize("per,groups", [(5, 2), (4, 8)])
+def test_class_aware_terms_gpu(backend, per, groups):
+    """The class-aware path (per-image moments, groups = N) through the CUDA and Triton kernels."""
+    _check_class_aware_terms("fused", backend, per, groups, torch.device("cuda"))
+
+
+def _check_class_aware_terms(matching, backend, per, groups, device):
     from srel_fast.bn_matching import bn_matching
 
     model = _model(3)
@@ -76,15 +89,17 @@ def test_class_aware_terms_and_gradient_match_float64_reference(matching, backen
     x0 = torch.randn(n, 1, 12, 12, generator=g)
     fbm = 3.0
     weights = [fbm] + [1.0] * (len(targets) - 1)
+    model.to(device)
     with bn_matching(model, fbm, matching, backend) as stats:
-        terms = ClassAwareTerms(targets, stats.layers, 5)
+        terms = ClassAwareTerms([(m.to(device), v.to(device)) for m, v in targets], stats.layers, 5)
         stats.set_moments_loss(terms)
         stats.set_groups(n)
-        terms.set_batch(batch_index, class_index)
-        x = x0.clone().requires_grad_(True)
+        terms.set_batch(batch_index.to(device), class_index.to(device))
+        x = x0.clone().to(device).requires_grad_(True)
         model(x)
         paper, cls = stats.loss()
         (2.0 * paper + 0.5 * cls).backward()
+    model.cpu()
     acts = []
     hooks = [m.register_forward_hook(lambda m, i, o: acts.append(i[0])) for m in bn_layers(model)]
     xr = x0.double().requires_grad_(True)
@@ -94,9 +109,9 @@ def test_class_aware_terms_and_gradient_match_float64_reference(matching, backen
     running = [(m.running_mean, m.running_var) for m in bn_layers(model)]
     ref_paper, ref_cls = class_aware_loss_reference(acts, running, targets, weights, batch_index, class_index)
     (2.0 * ref_paper + 0.5 * ref_cls).backward()
-    torch.testing.assert_close(paper.double(), ref_paper, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(cls.double(), ref_cls, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(paper.double().cpu(), ref_paper, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cls.double().cpu(), ref_cls, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("matching,backend", [("hooks", "torch"), ("fused", "auto")])
@@ -251,6 +266,26 @@ def test_class_aware_recovery_records_rules_and_lowers_its_term(digits_teacher, 
     m0 = run_recover(RecoverConfig(out=str(tmp_path / "c0"), weights=digits_teacher[0], ipc=2, iterations=1,
                                    lr=0.0, device="cpu", progress=False, class_images=2))
     assert sum(b["class_term"] for b in m["batches"]) < sum(b["class_term"] for b in m0["batches"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_class_aware_recovery_on_the_cuda_fast_path(digits_teacher, tmp_path):
+    """Class-aware recovery on CUDA: the compiled step with CUDA graphs gives the eager
+    kernels' terms at the start images (lr 0), and 30 iterations lower the class term."""
+    common = dict(weights=digits_teacher[0], ipc=2, device="cuda", progress=False, class_images=2, amp="none",
+                  channels_last=False)
+    at_start = {}
+    for name, fast in (("eager", False), ("compiled", True)):
+        m = run_recover(RecoverConfig(out=str(tmp_path / name), iterations=1, lr=0.0, compile=fast,
+                                      cuda_graphs=fast, **common))
+        assert m["config"]["compile"] is fast and m["config"]["r_class"] == 1.0
+        at_start[name] = [(b["ce"], b["bn"], b["class_term"]) for b in m["batches"]]
+    for eager, compiled in zip(at_start["eager"], at_start["compiled"]):
+        assert compiled == pytest.approx(eager, rel=2e-3)
+    m = run_recover(RecoverConfig(out=str(tmp_path / "run"), iterations=30, compile=True, cuda_graphs=True, **common))
+    assert m["completed_batches"] == 2
+    assert sum(b["class_term"] for b in m["batches"]) < sum(c for _, _, c in at_start["compiled"])
 
 
 def test_class_aware_needs_real_data(tmp_path):
