@@ -190,7 +190,7 @@ for r in json.load(open(sys.argv[1]))["rows"]:
         print(f"{r['op']:24s} {r['backend']:6s} {str(r.get('shape', '')):20s} {r.get('layout', ''):13s} "
               f"{r.get('ms', 0):8.4f} ms {r['GBps']:7.1f} GB/s {100 * r['fraction']:5.1f}%")
 EOF
-for f in "$WORK"/bench/*.md; do [ -f "$f" ] && echo "## $(basename "$f")" && sed -n '/^| provider/,/^$/p' "$f" | cut -c1-220; done
+for f in "$WORK"/bench/*.md; do [ -f "$f" ] && echo "## $(basename "$f")" && sed -n '/^| provider/,/^$/p' "$f" | cut -c1-220 && grep -h "^Profile of" "$f" | cut -c1-300; done
 grep -h "CLI recovery" "$WORK/cli.log" 2>/dev/null
 cat "$SUMMARY"
 if grep -q "FAILED\|TIMED OUT" "$SUMMARY"; then exit 1; fi

@@ -2,6 +2,7 @@
 provider runs, DM and MTT compute what their papers say, the reference equals
 the Recoverer's torch backend, and the reports are written."""
 import copy
+import gzip
 import json
 import math
 from dataclasses import replace
@@ -250,6 +251,28 @@ def test_main_writes_json_markdown_png(tmp_path, capsys):
     (stem.with_suffix(".md")).unlink()
     assert cli.main(["--render", str(stem.with_suffix(".json"))]) == 0
     assert "x ref (min)" in (stem.with_suffix(".md")).read_text()
+
+
+def test_profile_writes_tables_trace_and_host_time(tmp_path):
+    code = cli.main(["--config", "convnet4-64", "--device", "cpu", "--small", "--image-size", "16", "--batch", "2",
+                    "--providers", "reference,srel-fast-no-compile", "--warmup", "1", "--repeats", "1",
+                    "--profile", "srel-fast-no-compile", "--out-dir", str(tmp_path)])
+    assert code == 0
+    rec = json.loads((tmp_path / "recover_step_convnet4-64_small_cpu.json").read_text())
+    prof = next(r for r in rec["results"] if r["provider"] == "srel-fast-no-compile")
+    assert "profile" not in rec["results"][0]
+    assert prof["profile"] == "profile_convnet4-64_srel-fast-no-compile.txt"
+    table = (tmp_path / prof["profile"]).read_text()
+    assert "sorted by self_cpu_time_total" in table and "aten::" in table
+    assert 0 < prof["profile_host_ms_per_iteration"] < 60_000
+    for r in rec["results"]:  # issuing a step cannot take longer than the step with its wait
+        assert 0 < r["host_enqueue_ms_per_iteration_median"] <= r["ms_per_iteration_median"] + 1e-6
+    with gzip.open(tmp_path / prof["profile_trace"]) as f:
+        trace = json.load(f)
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::") for n in names)
+    md = (tmp_path / "recover_step_convnet4-64_small_cpu.md").read_text()
+    assert "Profile of `srel-fast-no-compile`" in md and "host " in md
 
 
 def test_bench_cli_dispatch(capsys):

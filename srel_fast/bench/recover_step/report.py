@@ -61,6 +61,21 @@ def markdown(record: dict) -> str:
                       f"convolutions), matrix rate {mm['tflops']:.3g} TFLOP/s ({mm['dtype']} {mm['n']}^3 matmul) "
                       f"-> FLOP floor {_fmt(floor['flops_floor_ms_per_image'])} ms/img "
                       f"(convolutions alone {_fmt(floor['conv_flops_floor_ms_per_image'])} ms/img)."]
+    issued = [r for r in record["results"] if r.get("status") == "ok" and "host_enqueue_ms_per_iteration_median" in r]
+    if issued and record["environment"].get("device_kind") == "gpu":
+        lines += ["", "Host time to issue one iteration (before waiting for the GPU), median ms, of the whole "
+                      "iteration's: " + ", ".join(f"{r['provider']} {_fmt(r['host_enqueue_ms_per_iteration_median'])}"
+                                                  f" of {_fmt(r['ms_per_iteration_median'])}" for r in issued)
+                  + ". Near the whole, the host bounds the step."]
+    for r in record["results"]:
+        if "profile_host_ms_per_iteration" in r:
+            device = r.get("profile_device_ms_per_iteration")
+            bound = "" if device is None else (" (host-bound: the device waits between launches)"
+                                               if r["profile_host_ms_per_iteration"] > device else " (device-bound)")
+            lines += ["", f"Profile of `{r['provider']}` ({r['profile']}, trace {r['profile_trace']}): host "
+                          f"{_fmt(r['profile_host_ms_per_iteration'])} ms per iteration"
+                          + ("" if device is None else f", device {_fmt(device)} ms") + bound
+                          + ", under the profiler."]
     lines += ["", "Providers:", ""]
     for r in record["results"]:
         lines.append(f"- `{r['provider']}`: {PROVIDER_DOC.get(r['provider'], '')} settings: "

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import gc
+import gzip
 import math
 import os
+import shutil
 import statistics
 import time
 import traceback
@@ -48,6 +50,7 @@ class Running:
         self.p = None
         self.rec: dict = {"provider": name}
         self.times: list[float] = []
+        self.enqueue_times: list[float] = []
         self.it = 0
         self.loss = None
 
@@ -96,6 +99,9 @@ class Running:
             sync(self.dev)
             t = time.perf_counter()
             self._step()
+            # the time to issue the step, before waiting for the device: near the whole
+            # iteration's time, the host is what bounds it (on a GPU)
+            self.enqueue_times.append(1000 * (time.perf_counter() - t))
             sync(self.dev)
             self.times.append(1000 * (time.perf_counter() - t))
             return True
@@ -111,19 +117,38 @@ class Running:
         self.close()
 
     def profile(self, path: str, steps: int = 3) -> None:
-        """torch.profiler table of a few warm iterations (kernels sorted by device time)."""
+        """torch.profiler of a few warm iterations: a table sorted by device time, on a GPU
+        a second one sorted by host time, the host and device time per iteration in the
+        record (host time above device time: the step is bound by the host, and the GPU
+        waits between launches), and a gzipped Chrome trace beside the table, where the gaps
+        between kernels can be read."""
         from torch.profiler import ProfilerActivity, profile
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.dev.type == "cuda" else [])
+        gpu = self.dev.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
         with profile(activities=acts) as prof:
             for _ in range(steps):
                 self._step()
             sync(self.dev)
-        key = "self_cuda_time_total" if self.dev.type == "cuda" else "self_cpu_time_total"
+        events = prof.key_averages()
+        host_us = sum(e.self_cpu_time_total for e in events)
+        self.rec["profile_host_ms_per_iteration"] = host_us / 1000 / steps
+        if gpu:
+            device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+            self.rec["profile_device_ms_per_iteration"] = device_us / 1000 / steps
+        keys = ["self_cuda_time_total", "self_cpu_time_total"] if gpu else ["self_cpu_time_total"]
         with open(path, "w") as f:
-            f.write(f"# torch.profiler, {self.name}, {steps} iterations, sorted by {key}\n")
-            f.write(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=160))
+            for key in keys:
+                f.write(f"# torch.profiler, {self.name}, {steps} iterations, sorted by {key}\n")
+                f.write(events.table(sort_by=key, row_limit=45, max_name_column_width=160))
+                f.write("\n")
+        trace = path[:-len(".txt")] + ".trace.json" if path.endswith(".txt") else path + ".trace.json"
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(trace)
         self.rec["profile"] = os.path.basename(path)
+        self.rec["profile_trace"] = os.path.basename(trace) + ".gz"
 
     def finish(self) -> dict:
         if self.rec.get("status") == "error":
@@ -134,6 +159,7 @@ class Running:
             rec = self.rec
             rec["status"] = "ok"
             rec.update(_stats(self.times, self.p.images_per_iteration))
+            rec["host_enqueue_ms_per_iteration_median"] = statistics.median(self.enqueue_times)
             rec["compile_s"] = max(0.0, rec["first_iteration_s"] - rec["ms_per_iteration_median"] / 1000)
             loss_v = float(self.loss.float().sum()) if torch.is_tensor(self.loss) else float(self.loss)
             rec["loss"], rec["loss_finite"] = loss_v, math.isfinite(loss_v)
