@@ -24,10 +24,10 @@ from .bn_stat_loss import bn_stat_loss, bn_stat_loss_reference, bn_stat_moments
 from .fused_bn_stat import (FusedBNMatching, FusedBNStat, fused_bn_matching, fused_bn_moments, fused_bn_stat,
                             fused_bn_stat_reference)
 from .multicrop_resize import multicrop_resize, multicrop_resize_reference, multicrop_resize_torch
-from .crop_sampler import sample_crop_boxes, sample_flip_shift
+from .crop_sampler import crop_boxes_from_uniforms, draw_crop_uniforms, sample_crop_boxes, sample_flip_shift
 
 __all__ = ["BACKENDS", "resolve_backend"]
 __all__ += ["bn_stat_loss", "bn_stat_loss_reference", "bn_stat_moments"]
 __all__ += ["fused_bn_stat", "fused_bn_moments", "fused_bn_stat_reference", "FusedBNStat", "FusedBNMatching", "fused_bn_matching"]
 __all__ += ["multicrop_resize", "multicrop_resize_reference", "multicrop_resize_torch",
-            "sample_crop_boxes", "sample_flip_shift"]
+            "sample_crop_boxes", "sample_flip_shift", "draw_crop_uniforms", "crop_boxes_from_uniforms"]

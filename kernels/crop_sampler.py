@@ -12,7 +12,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["sample_crop_boxes", "sample_flip_shift", "fallback_crop_box"]
+__all__ = ["sample_crop_boxes", "sample_flip_shift", "fallback_crop_box", "draw_crop_uniforms",
+           "crop_boxes_from_uniforms"]
 
 _TRIES = 10
 
@@ -51,6 +52,7 @@ def sample_crop_boxes(
     generator: Optional[torch.Generator] = None,
     device: Optional[Union[str, torch.device]] = None,
     dtype: torch.dtype = torch.float32,
+    boxes_from_uniforms=None,
 ) -> torch.Tensor:
     """RandomResizedCrop boxes for ``n`` images of ``height`` x ``width``.
 
@@ -65,16 +67,40 @@ def sample_crop_boxes(
     centre crop. All 10 tries are drawn at once and the first valid one is
     selected with tensor ops. ``per_image=False`` draws one box and repeats
     it for the batch (the reference SRe2L behaviour).
+
+    The draw is two steps: ``draw_crop_uniforms`` (three ``torch.rand`` calls on
+    the generator) and ``crop_boxes_from_uniforms`` (plain tensor arithmetic);
+    ``boxes_from_uniforms`` replaces the second, e.g. by a ``torch.compile``'d copy
+    of it, which fuses its ~50 small launches into a few with the same draws.
     """
     dev = _device(generator, device)
     m = n if per_image else 1
     if m <= 0:
         return torch.zeros((0, 4), dtype=dtype, device=dev)
+    u_s, u_r, u_ij = draw_crop_uniforms(m, generator, dev)
+    box = (boxes_from_uniforms or crop_boxes_from_uniforms)(u_s, u_r, u_ij, height, width, tuple(scale),
+                                                            tuple(ratio), dtype)
+    if not per_image:
+        box = box.expand(n, 4).contiguous()
+    return box
+
+
+def draw_crop_uniforms(m: int, generator: Optional[torch.Generator], device: torch.device):
+    """The uniform numbers of ``m`` crop boxes, in the order ``sample_crop_boxes`` draws
+    them: area fractions (m, 10), aspect ratios (m, 10), top/left (m, 2)."""
+    u_s = torch.rand((m, _TRIES), generator=generator, device=device)
+    u_r = torch.rand((m, _TRIES), generator=generator, device=device)
+    u_ij = torch.rand((m, 2), generator=generator, device=device)
+    return u_s, u_r, u_ij
+
+
+def crop_boxes_from_uniforms(u_s: torch.Tensor, u_r: torch.Tensor, u_ij: torch.Tensor, height: int, width: int,
+                             scale: Tuple[float, float], ratio: Tuple[float, float],
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(m, 4) boxes (top, left, h, w) from ``draw_crop_uniforms``'s numbers: the arithmetic
+    of ``sample_crop_boxes``, with no random draw and no host synchronisation."""
     area = float(height * width)
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    u_s = torch.rand((m, _TRIES), generator=generator, device=dev)
-    u_r = torch.rand((m, _TRIES), generator=generator, device=dev)
-    u_ij = torch.rand((m, 2), generator=generator, device=dev)
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u_s.double())
     aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u_r.double())
     w = torch.round(torch.sqrt(target_area * aspect))
@@ -88,10 +114,7 @@ def sample_crop_boxes(
     left = torch.floor(u_ij[:, 1].double() * (width - w + 1)).clamp_max(width - w)
     # Python-scalar fallbacks: no host-to-device copy (CUDA-graph capturable)
     fb = fallback_crop_box(height, width, ratio)
-    box = torch.stack([torch.where(ok, v, float(f)) for v, f in zip((top, left, h, w), fb)], dim=1).to(dtype)
-    if not per_image:
-        box = box.expand(n, 4).contiguous()
-    return box
+    return torch.stack([torch.where(ok, v, float(f)) for v, f in zip((top, left, h, w), fb)], dim=1).to(dtype)
 
 
 def sample_flip_shift(

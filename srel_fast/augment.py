@@ -28,19 +28,21 @@ JITTER_RANGES = ("nonnegative", "symmetric")
 
 def draw_crop_params(n: int, height: int, width: int, generator: torch.Generator, *, per_image: bool,
                      scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter: int = 0,
-                     jitter_range: str = "nonnegative", out_size: tuple[int, int] | None = None) -> CropParams:
+                     jitter_range: str = "nonnegative", out_size: tuple[int, int] | None = None,
+                     boxes_from_uniforms=None) -> CropParams:
     """Crop boxes, flips and rolls for ``n`` images of ``height x width`` (one draw for
     the batch unless ``per_image``). The roll is drawn from ``0..jitter`` (nonnegative:
     the official ImageNet code's ``random.randint(0, jitter)``) or ``-jitter..jitter``
     (symmetric: the official Tiny-ImageNet code's ``random.randint(-jitter, jitter)``),
     both ends included; it is returned modulo the crop's output size ``out_size`` (a roll is
     circular, so a roll by -k is a roll by size - k; default: the image size, which is the
-    output size in recovery unless it upsamples tiles)."""
+    output size in recovery unless it upsamples tiles). ``boxes_from_uniforms``: see
+    ``sample_crop_boxes`` (a compiled copy of the box arithmetic: the same draws, fewer launches)."""
     if jitter_range not in JITTER_RANGES:
         raise ValueError(f"jitter_range must be one of {JITTER_RANGES}, got {jitter_range!r}")
     device = generator.device
     boxes = sample_crop_boxes(n, height, width, scale=scale, ratio=ratio, per_image=per_image,
-                              generator=generator, device=device)
+                              generator=generator, device=device, boxes_from_uniforms=boxes_from_uniforms)
     symmetric = jitter_range == "symmetric"
     flip, shift = sample_flip_shift(n, jitter, per_image=per_image, generator=generator, device=device,
                                     symmetric=symmetric)

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from srel_fast.kernels import BACKENDS
+from srel_fast.kernels import BACKENDS, crop_boxes_from_uniforms
 
 from . import distributed as _dist
 from .augment import JITTER_RANGES, CropParams, apply_crops, draw_crop_params
@@ -438,6 +438,7 @@ class Recoverer:
         self.group_size = 0  # images per recovery batch when several batches share a launch
         self._stack = contextlib.ExitStack()
         self._buffers: dict[int, torch.Tensor] = {}
+        self.boxes_from_uniforms = None  # the compiled crop-box arithmetic, set on entering with --compile
         self.cuda_graphs = self.graphs_enabled(cfg, device)
         # fp16 autocast needs loss scaling: the BN-term input gradients of the large early
         # layers are ~1e-8 at r_bn 0.01, under fp16's smallest subnormal (6e-8), and would
@@ -478,6 +479,10 @@ class Recoverer:
         if self.cfg.compile:
             mode = "reduce-overhead" if self.cuda_graphs else "default"
             self.loss_fn = torch.compile(self._loss, mode=mode, dynamic=False)
+            if cfg.crop_curriculum != "cda":  # (its scale bounds change every iteration: one compile each)
+                # The crop boxes' arithmetic, ~50 small ops launched from the host every iteration
+                # outside the graphs, fused into a few kernels; the same draws (bench/NOTES.md, run 3).
+                self.boxes_from_uniforms = torch.compile(crop_boxes_from_uniforms, dynamic=False)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -572,7 +577,8 @@ class Recoverer:
         per = n // len(generators)
         ps = [draw_crop_params(per, self.tile, self.tile, g, per_image=self.per_image,
                                scale=(self.min_scale_at(it), cfg.max_scale), jitter=cfg.jitter,
-                               jitter_range=cfg.jitter_range, out_size=(self.size, self.size)) for g in generators]
+                               jitter_range=cfg.jitter_range, out_size=(self.size, self.size),
+                               boxes_from_uniforms=self.boxes_from_uniforms) for g in generators]
         if len(ps) == 1:
             return ps[0]
         return CropParams(torch.cat([p.boxes for p in ps]), torch.cat([p.flip for p in ps]),

@@ -161,3 +161,54 @@ def test_cuda_graph_capture():
         check_inside(b.cpu(), 64, 64)
         draws.append(b.cpu().clone())
     assert any(not torch.equal(draws[0], d) for d in draws[1:])  # fresh randoms per replay
+
+
+def _compiled_boxes_match_eager(device, sizes, seed):
+    from srel_fast.kernels import crop_boxes_from_uniforms, draw_crop_uniforms
+
+    torch._dynamo.reset()
+    compiled = torch.compile(crop_boxes_from_uniforms, dynamic=False)
+    for height, width, scale, ratio in sizes:
+        g = torch.Generator(device=device).manual_seed(seed + height)
+        for _ in range(2):  # the second call reuses the compiled code
+            u = draw_crop_uniforms(4096, g, torch.device(device))
+            eager = crop_boxes_from_uniforms(*u, height, width, scale, ratio)
+            fused = compiled(*u, height, width, scale, ratio)
+            check_inside(eager.cpu(), height, width)
+            assert torch.equal(fused, eager)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_boxes_from_uniforms_is_sample_crop_boxes_in_two_steps(seed):
+    """The two steps give sample_crop_boxes' boxes exactly, from the same generator
+    state, and a replacement of the arithmetic (as recovery passes a compiled one) is used."""
+    from srel_fast.kernels import crop_boxes_from_uniforms, draw_crop_uniforms
+
+    for height, width, scale, ratio in SIZES:
+        g1 = torch.Generator().manual_seed(seed)
+        g2 = torch.Generator().manual_seed(seed)
+        whole = sample_crop_boxes(257, height, width, scale, ratio, generator=g1)
+        parts = crop_boxes_from_uniforms(*draw_crop_uniforms(257, g2, torch.device("cpu")), height, width,
+                                         scale, ratio)
+        assert torch.equal(whole, parts)
+        calls = []
+
+        def spy(*args):
+            calls.append(args[3:5])
+            return crop_boxes_from_uniforms(*args)
+
+        g1.manual_seed(seed)
+        assert torch.equal(sample_crop_boxes(257, height, width, scale, ratio, generator=g1,
+                                             boxes_from_uniforms=spy), whole)
+        assert calls == [(height, width)]
+
+
+def test_compiled_box_arithmetic_gives_the_same_boxes():
+    """torch.compile of the box arithmetic (inductor, float64) keeps every box of fresh draws."""
+    _compiled_boxes_match_eager("cpu", SIZES[:2], 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_box_arithmetic_gives_the_same_boxes_gpu():
+    _compiled_boxes_match_eager("cuda", SIZES, 5)

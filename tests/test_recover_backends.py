@@ -52,6 +52,31 @@ def test_compiled_step_matches_eager(digits_teacher):
     torch.testing.assert_close(compiled.images, eager.images, atol=1e-4, rtol=0)
 
 
+def test_compiled_step_draws_the_same_crops_with_fused_box_arithmetic(digits_teacher):
+    """With --compile the crop boxes' arithmetic runs compiled (fewer host launches per
+    iteration); the crops of every iteration are those of the eager path. Under the CDA
+    curriculum, whose scale changes every iteration, it stays eager."""
+    loaded = load_model(digits_teacher[0])
+    norm = Normalization(loaded.mean, loaded.std)
+    crops = {}
+    for compiled in (False, True):
+        cfg = RecoverConfig(out="", weights=digits_teacher[0], ipc=1, device="cpu", progress=False, compile=compiled,
+                            crop_mode="image", amp="none", channels_last=False).resolved(loaded.spec.image_size)
+        with Recoverer(loaded.model, norm, loaded.spec.image_size, loaded.spec.in_channels, cfg,
+                       torch.device("cpu")) as rec:
+            assert (rec.boxes_from_uniforms is not None) == compiled
+            gens = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+            crops[compiled] = [rec._crop_params(2 * 300, gens, it) for it in range(3)]
+    for eager, fused in zip(crops[False], crops[True]):
+        assert torch.equal(eager.boxes, fused.boxes) and torch.equal(eager.flip, fused.flip)
+        assert (eager.shift is None and fused.shift is None) or torch.equal(eager.shift, fused.shift)
+    cfg = RecoverConfig(out="", weights=digits_teacher[0], ipc=1, device="cpu", progress=False, compile=True,
+                        crop_curriculum="cda").resolved(loaded.spec.image_size)
+    with Recoverer(loaded.model, norm, loaded.spec.image_size, loaded.spec.in_channels, cfg,
+                   torch.device("cpu")) as rec:
+        assert rec.boxes_from_uniforms is None
+
+
 @pytest.mark.parametrize("matching,backend", [("hooks", "torch"), pytest.param("fused", "cpu", marks=needs_ext)])
 def test_grouped_batches_follow_their_own_objectives(digits_teacher, tmp_path, matching, backend):
     """Three recovery batches stacked into one launch give each batch the images it gets alone."""
