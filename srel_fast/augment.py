@@ -49,7 +49,9 @@ def draw_crop_params(n: int, height: int, width: int, generator: torch.Generator
     if jitter <= 0:
         return CropParams(boxes, flip, None)
     if symmetric:
-        shift = torch.remainder(shift, torch.tensor(out_size or (height, width), device=device))
+        # modulo Python numbers: a tensor of the sizes would be a host-to-device copy every iteration
+        oh, ow = out_size or (height, width)
+        shift = torch.stack([torch.remainder(shift[:, 0], oh), torch.remainder(shift[:, 1], ow)], dim=1)
     return CropParams(boxes, flip, shift)
 
 
