@@ -46,7 +46,8 @@ HELP = {
     "init": "start images: noise (N(0,1), the paper) or real (a real training image of the class)",
     "r_class": "weight of the class-aware BN term: each class's statistics matched to its real images' (0: off)",
     "class_images": "class-aware: images of a class recovered and matched together",
-    "init_select": "init real: random, confident (the teacher's most confident first) or herding (iCaRL)",
+    "init_select": "init real: random, confident (the teacher's most confident first), band (the same order "
+                   "from the first quartile on) or herding (iCaRL)",
     "tiles_per_side": "store k x k images of a class, each at 1/k of the size, in one image (IDC's "
                       "multi-formation; 1: off); training decodes them back to k*k full-size images",
     "crop_curriculum": "none, or cda: the crops' lower scale bound eases from max to min scale (CDA)",
