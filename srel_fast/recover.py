@@ -48,7 +48,7 @@ from .seeds import derived_seed
 CLASS_LAYOUTS = ("consecutive", "round-robin")
 INITS = ("noise", "real")
 INIT_SELECTS = ("random", "confident", "band", "herding")
-# --init-select confident / herding score at most this many real images of a class (a seeded
+# --init-select confident / band / herding score at most this many real images of a class (a seeded
 # random pool, so the seed still varies the start), one teacher forward pass over each.
 INIT_CANDIDATES = 1000
 CROP_CURRICULA = ("none", "cda")
@@ -333,9 +333,8 @@ class RealImages:
     ``select`` random: a permutation seeded by (seed, c). confident / band / herding: the
     first INIT_CANDIDATES of that permutation are ranked by the teacher (``model``, the first
     of several; its most confident on class c first / the same order started at the pool's
-    first quartile, the least typical quarter's neighbours: the most confident quarter goes
-    last / herding over its features, the first ``count`` picks), the rest follow in seeded
-    order."""
+    first quartile, the most confident quarter last / herding over its features, the first
+    ``count`` picks), the rest follow in seeded order."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int,
                  select: str = "random", model: torch.nn.Module | None = None, count: int = 1):
