@@ -12,7 +12,7 @@
 #   kernels   srel_fast/bench/kernel_check.py: float64 checks at ResNet-50 shapes (both layouts, fp32/bf16,
 #             one > 2^31-element tensor), then each kernel's time against a copy of the same bytes
 #   tests     the GPU tests (pytest -m gpu)
-#   convnet   bench recover-step convnet4-64 (srel-fast vs DM and MTT at IPC 1 and IPC 10)
+#   convnet   bench recover-step convnet4-64 (srel-fast vs DM and MTT at IPC 1 and IPC 10), srel-fast profiled
 #   cli       a short `srel-fast recover --arch resnet18 ...` on the fast path, images per second
 #   r18       bench recover-step resnet18-224 (reference, reference-compiled, srel-fast, ablations,
 #             floor), with a torch.profiler table of srel-fast
@@ -174,7 +174,7 @@ fi
 run env 60 env_step
 run kernels 180 "$PY" -m srel_fast.bench.kernel_check --out "$WORK/kernels" $([ "$DRY" = 1 ] && echo --dry-run)
 run tests 180 "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests
-run convnet 180 "$PY" -m srel_fast.cli bench recover-step --config convnet4-64 $SMALL --providers "$CONV" --out-dir "$WORK/bench"
+run convnet 180 "$PY" -m srel_fast.cli bench recover-step --config convnet4-64 $SMALL --providers "$CONV" --profile "$PROFILE" --out-dir "$WORK/bench"
 run cli 150 cli_step
 run r18 240 "$PY" -m srel_fast.cli bench recover-step --config resnet18-224 $SMALL --providers "$R18" --profile "$PROFILE" --out-dir "$WORK/bench"
 run r50 180 "$PY" -m srel_fast.cli bench recover-step --config resnet50-224 $SMALL --providers "$R50" --profile "$PROFILE" --out-dir "$WORK/bench"
