@@ -126,7 +126,8 @@ class RecoverConfig:
         """Every value filled: the recipe's, then the resolution rules for what it leaves open
         (by image size, and whether the real training data is known: ``real_data``)."""
         from .recipes import (SREL_DEFAULT_RECOVER, SREL_SMALL_DATA_IPC1_ITERATIONS, SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE,
-                              SREL_SMALL_DATA_RECOVER)
+                              SREL_SMALL_DATA_RECOVER, SREL_SMALL_DATA_TILES_IPC1_ITERATIONS,
+                              SREL_SMALL_DATA_TILES_ITERATIONS)
 
         cfg = apply_recipe(self, "recover")
         big = image_size >= 128
@@ -137,6 +138,10 @@ class RecoverConfig:
                 rules["iterations"] = SREL_SMALL_DATA_IPC1_ITERATIONS
                 if image_size >= SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE and image_size % 2 == 0:
                     rules["tiles_per_side"] = 2
+            tiles = cfg.tiles_per_side if cfg.tiles_per_side is not None else rules["tiles_per_side"]
+            if tiles > 1:   # tiles need the longer recovery (recipes.py)
+                rules["iterations"] = (SREL_SMALL_DATA_TILES_IPC1_ITERATIONS if cfg.ipc == 1
+                                       else SREL_SMALL_DATA_TILES_ITERATIONS)
         rules["jitter"] = 32 if big else image_size // 16
         return dataclasses.replace(
             cfg, ipc_end=cfg.ipc if cfg.ipc_end is None else cfg.ipc_end,

@@ -134,7 +134,15 @@ def test_tiles_per_side_is_validated(digits_teacher, tmp_path):
                                                (10, 28, True, 1), (1, 8, True, 1), (1, 28, False, 1),
                                                (1, 224, True, 1)])
 def test_srel_tiles_at_ipc_1_on_small_images_with_real_data(ipc, size, real, want):
-    assert RecoverConfig(out="", ipc=ipc).resolved(size, real_data=real).tiles_per_side == want
+    cfg = RecoverConfig(out="", ipc=ipc).resolved(size, real_data=real)
+    assert cfg.tiles_per_side == want
+    # tiles get the longer recovery: 3,000 iterations at IPC 1 (whole images 1,000), 1,000 above (else 100)
+    small = size < 128 and real
+    assert cfg.iterations == ({(True, True): 3000, (True, False): 1000, (False, True): 1000,
+                               (False, False): 100}[(ipc == 1, want > 1)] if small else 1000)
+    asked = RecoverConfig(out="", ipc=ipc, tiles_per_side=2).resolved(size, real_data=real)
+    assert asked.iterations == ((3000 if ipc == 1 else 1000) if small else 1000)
+    assert RecoverConfig(out="", ipc=ipc, iterations=7).resolved(size, real_data=real).iterations == 7
     # an explicit value wins over the rule, as does a paper recipe's
     assert RecoverConfig(out="", ipc=ipc, tiles_per_side=3).resolved(size, real_data=real).tiles_per_side == 3
     assert RecoverConfig(out="", ipc=ipc, recipe="sre2l-tiny").resolved(size, real_data=real).tiles_per_side == 1
