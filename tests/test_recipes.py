@@ -104,7 +104,9 @@ def test_recipe_defaults_and_overrides_in_the_saved_config(digits_teacher, tmp_p
 
 
 @pytest.mark.parametrize("ipc, size, real_data, recipe, iterations", [
-    (1, 28, True, None, 1000),          # srel, small images with real data, IPC 1: the longer recovery
+    (1, 28, True, None, 3000),          # srel, small images with real data, IPC 1: stored as tiles, longer still
+    (1, 29, True, None, 1000),          # ... an odd size, whole images: the longer recovery of IPC 1
+    (1, 8, True, None, 1000),           # ... too small for tiles
     (2, 28, True, None, 100),           # ... any other IPC: 100
     (10, 8, True, None, 100),
     (1, 28, False, None, 1000),         # no real data: SRe2L's objective from noise, 1,000 at every IPC
