@@ -368,8 +368,9 @@ class RealImages:
                 if self.select in ("confident", "band"):
                     ranked = logits.log_softmax(1)[:, class_index].argsort(descending=True, stable=True)
                     if self.select == "band":
-                        # issue 15's measurement: real images ranked 500-509 of 2,000 by confidence
-                        # trained a better student than random ones, the 10 most confident a worse one
+                        # unrecovered real images ranked 500-509 of 2,000 by confidence trained a better
+                        # student than random ones, the 10 most confident a worse one; recovered from, the
+                        # band was level (IPC 2) or behind (IPC 5): docs/results/quality.md
                         quarter = len(ranked) // 4
                         ranked = torch.cat([ranked[quarter:], ranked[:quarter]])
                 else:
