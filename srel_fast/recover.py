@@ -390,6 +390,27 @@ class RealImages:
         return self.images[[self.index(c, ipc_index) for c in classes]]
 
 
+def _compiled_or_eager(fn):
+    """``torch.compile(fn)``, or ``fn`` itself from the first call where compiling or running
+    the compiled code fails (with one warning): for a helper whose compiled form only saves
+    launches, a compiler failure on some device or version must not stop a recovery."""
+    compiled = torch.compile(fn, dynamic=False)
+    state = {"fn": compiled}
+
+    def call(*args):
+        if state["fn"] is compiled:
+            try:
+                return compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager function is exact
+                print(f"warning: torch.compile of {fn.__name__} failed ({type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); running it eagerly.",
+                      file=sys.stderr)
+                state["fn"] = fn
+        return state["fn"](*args)
+
+    return call
+
+
 class Recoverer:
     """Holds the frozen model(s) and runs recovery batches.
 
@@ -494,7 +515,7 @@ class Recoverer:
             if cfg.crop_curriculum != "cda":  # (its scale bounds change every iteration: one compile each)
                 # The crop boxes' arithmetic, ~50 small ops launched from the host every iteration
                 # outside the graphs, fused into a few kernels; the same draws (bench/NOTES.md, run 3).
-                self.boxes_from_uniforms = torch.compile(crop_boxes_from_uniforms, dynamic=False)
+                self.boxes_from_uniforms = _compiled_or_eager(crop_boxes_from_uniforms)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -77,6 +77,29 @@ def test_compiled_step_draws_the_same_crops_with_fused_box_arithmetic(digits_tea
         assert rec.boxes_from_uniforms is None
 
 
+def test_compiled_box_arithmetic_falls_back_to_eager(monkeypatch, capsys):
+    """If compiling the box arithmetic fails (some device or torch version), recovery warns
+    once and goes on with the eager function: the same boxes."""
+    from srel_fast import recover as recover_module
+    from srel_fast.kernels import crop_boxes_from_uniforms, draw_crop_uniforms
+
+    def broken_compile(fn, **kw):
+        def run(*args):
+            raise RuntimeError("backend compiler failed\nsecond line")
+        return run
+
+    monkeypatch.setattr(recover_module.torch, "compile", broken_compile)
+    fn = recover_module._compiled_or_eager(crop_boxes_from_uniforms)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        u = draw_crop_uniforms(50, g, torch.device("cpu"))
+        assert torch.equal(fn(*u, 28, 28, (0.5, 1.0), (3 / 4, 4 / 3)),
+                           crop_boxes_from_uniforms(*u, 28, 28, (0.5, 1.0), (3 / 4, 4 / 3)))
+    err = capsys.readouterr().err
+    assert err.count("warning: torch.compile of crop_boxes_from_uniforms failed") == 1
+    assert "RuntimeError: backend compiler failed)" in err
+
+
 @pytest.mark.parametrize("matching,backend", [("hooks", "torch"), pytest.param("fused", "cpu", marks=needs_ext)])
 def test_grouped_batches_follow_their_own_objectives(digits_teacher, tmp_path, matching, backend):
     """Three recovery batches stacked into one launch give each batch the images it gets alone."""
