@@ -394,19 +394,19 @@ def _compiled_or_eager(fn):
     """``torch.compile(fn)``, or ``fn`` itself from the first call where compiling or running
     the compiled code fails (with one warning): for a helper whose compiled form only saves
     launches, a compiler failure on some device or version must not stop a recovery."""
-    compiled = torch.compile(fn, dynamic=False)
-    state = {"fn": compiled}
+    compiled = active = torch.compile(fn, dynamic=False)
 
     def call(*args):
-        if state["fn"] is compiled:
+        nonlocal active
+        if active is compiled:
             try:
                 return compiled(*args)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager function is exact
-                print(f"warning: torch.compile of {fn.__name__} failed ({type(exc).__name__}: "
-                      f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); running it eagerly.",
-                      file=sys.stderr)
-                state["fn"] = fn
-        return state["fn"](*args)
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                print(f"warning: torch.compile of {fn.__name__} failed ({type(exc).__name__}: {first_line}); "
+                      f"running it eagerly.", file=sys.stderr)
+                active = fn
+        return active(*args)
 
     return call
 

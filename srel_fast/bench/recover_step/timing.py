@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import gc
-import gzip
 import math
 import os
-import shutil
 import statistics
 import time
 import traceback
@@ -142,13 +140,10 @@ class Running:
                 f.write(f"# torch.profiler, {self.name}, {steps} iterations, sorted by {key}\n")
                 f.write(events.table(sort_by=key, row_limit=45, max_name_column_width=160))
                 f.write("\n")
-        trace = path[:-len(".txt")] + ".trace.json" if path.endswith(".txt") else path + ".trace.json"
-        prof.export_chrome_trace(trace)
-        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.remove(trace)
+        trace = os.path.splitext(path)[0] + ".trace.json.gz"
+        prof.export_chrome_trace(trace)   # gzipped by torch for a .gz path
         self.rec["profile"] = os.path.basename(path)
-        self.rec["profile_trace"] = os.path.basename(trace) + ".gz"
+        self.rec["profile_trace"] = os.path.basename(trace)
 
     def finish(self) -> dict:
         if self.rec.get("status") == "error":
