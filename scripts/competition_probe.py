@@ -37,8 +37,11 @@ def js_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: f
     p = F.softmax(p_logits.float() / temperature, 1)
     q = F.softmax(q_logits.float() / temperature, 1)
     log_m = (0.5 * (p + q)).clamp_min(1e-12).log()
-    kl = lambda a: (a * (a.clamp_min(1e-12).log() - log_m)).sum(1).mean()  # noqa: E731
-    return 0.5 * kl(p) + 0.5 * kl(q)
+
+    def kl_to_mixture(a: torch.Tensor) -> torch.Tensor:
+        return (a * (a.clamp_min(1e-12).log() - log_m)).sum(1).mean()
+
+    return 0.5 * kl_to_mixture(p) + 0.5 * kl_to_mixture(q)
 
 
 def with_competition(proxy: torch.nn.Module, r_adv: float, temperature: float):
