@@ -44,23 +44,24 @@ def js_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: f
     return 0.5 * kl_to_mixture(p) + 0.5 * kl_to_mixture(q)
 
 
+SREL_LOSS = recover.Recoverer._loss   # the recovery's own objective, kept before main() replaces it
+
+
 def with_competition(proxy: torch.nn.Module, r_adv: float, temperature: float):
-    """Recoverer._loss for one teacher with the class-aware term (srel's defaults on these data),
-    plus the competition term on the same crops."""
+    """Recoverer._loss plus the competition term: the proxy sees the crops the (first) teacher sees,
+    taken by a forward hook inside the recovery's own loss, so that loss is not written again."""
     def loss(self, x, targets, boxes, flip, shift):
-        cfg = self.cfg
-        x_aug = recover.apply_crops(x, recover.CropParams(boxes, flip, shift), (self.size, self.size), cfg.backend,
-                                    shared=self.shared_ref)
-        if cfg.channels_last:
-            x_aug = x_aug.contiguous(memory_format=torch.channels_last)
-        amp_dtype = recover.AMP_DTYPES.get(cfg.amp)
-        with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = self.models[0](x_aug)
-            proxy_logits = proxy(x_aug)
-        ce = F.cross_entropy(logits.float(), targets)
-        bn = self.stats[0].loss()   # stacked (running-statistics term, class term)
-        total = ce + cfg.r_bn * bn[0] + cfg.r_class * bn[1] - r_adv * js_divergence(logits, proxy_logits, temperature)
-        return total, ce, bn
+        divergence = []
+
+        def compete(teacher, inputs, logits):   # runs inside the loss's autocast, on the same crops
+            divergence.append(js_divergence(logits, proxy(inputs[0]), temperature))
+
+        handle = self.models[0].register_forward_hook(compete)
+        try:
+            total, ce, bn = SREL_LOSS(self, x, targets, boxes, flip, shift)
+        finally:
+            handle.remove()
+        return total - r_adv * divergence[0], ce, bn
     return loss
 
 
