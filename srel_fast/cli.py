@@ -50,6 +50,9 @@ HELP = {
                    "from the first quartile on) or herding (iCaRL)",
     "tiles_per_side": "store k x k images of a class, each at 1/k of the size, in one image (IDC's "
                       "multi-formation; 1: off); training decodes them back to k*k full-size images",
+    "tiled_images": "with --tiles-per-side k > 1: how many stored images per class hold tiles (the first ones); "
+                    "the others are whole images",
+    "tile_iterations": "iterations of the stored images that hold tiles (--iterations: of the whole ones)",
     "crop_curriculum": "none, or cda: the crops' lower scale bound eases from max to min scale (CDA)",
     "augment": "built-in data: rrc (RandomResizedCrop + flip) or shift (pad, random crop, flip)",
     "ema": "evaluate an exponential moving average of the student's weights with this decay (0: off)",

@@ -106,31 +106,39 @@ def save_image(path: str, x01: torch.Tensor, fmt: str = "png", jpeg_quality: int
     atomic_write_bytes(path, encode_image(x01, fmt, jpeg_quality, rounding))
 
 
-def load_tree(root: str, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Read an image tree into uint8 images (N, C, H, W) and labels; classes are
-    the sorted folder names, as in torchvision's ImageFolder."""
+def tree_files(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """The image files of a tree as (path, label), in load_tree's order, and the classes: the
+    sorted folder names, as in torchvision's ImageFolder."""
     if not os.path.isdir(root):
         raise UserError(f"image folder {root} does not exist.")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not classes:
         raise UserError(f"image folder {root} has no class folders.")
-    images, labels = [], []
+    listing = []
     for label, c in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
         if not files:
             raise UserError(f"class folder {os.path.join(root, c)} holds no images.")
-        for f in files:
-            path = os.path.join(root, c, f)
-            try:
-                with Image.open(path) as im:
-                    mode = {1: "L", 3: "RGB"}.get(channels or (1 if im.mode in ("L", "I", "1") else 3))
-                    arr = np.asarray(im.convert(mode))
-            except Exception as exc:  # noqa: BLE001
-                raise UserError(f"image {path} cannot be read ({type(exc).__name__}).") from None
-            if arr.ndim == 2:
-                arr = arr[:, :, None]
-            images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-            labels.append(label)
+        listing += [(os.path.join(root, c, f), label) for f in files]
+    return listing, classes
+
+
+def load_tree(root: str, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Read an image tree into uint8 images (N, C, H, W) and labels; classes are
+    the sorted folder names, as in torchvision's ImageFolder."""
+    listing, classes = tree_files(root)
+    images, labels = [], []
+    for path, label in listing:
+        try:
+            with Image.open(path) as im:
+                mode = {1: "L", 3: "RGB"}.get(channels or (1 if im.mode in ("L", "I", "1") else 3))
+                arr = np.asarray(im.convert(mode))
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"image {path} cannot be read ({type(exc).__name__}).") from None
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+        labels.append(label)
     shapes = {tuple(t.shape) for t in images}
     if len(shapes) != 1:
         raise UserError(f"images under {root} have different shapes {sorted(shapes)[:3]}; expected one size.")
@@ -160,15 +168,18 @@ def save_grid(path: str, images01: torch.Tensor, labels: torch.Tensor, per_class
 
 def load_synthetic(root: str, teacher: "LoadedModel | None", device) -> tuple[torch.Tensor, torch.Tensor, Normalization]:
     """Synthetic tree -> normalised float images on ``device``, labels, normalisation.
-    The normalisation is the recovery run's (manifest) or the teacher's. Images recovered
-    with ``tiles_per_side`` k > 1 come back decoded: k*k full-size images each."""
+    The normalisation is the recovery run's (manifest) or the teacher's. Stored images that
+    hold tiles (``tiles_per_side`` k > 1, the first ``tiled_images`` of each class) come back
+    decoded: k*k full-size images each, before the whole images."""
     config_path = os.path.join(root, "recover_config.json")
-    per_side = 1
+    per_side, tiled_images = 1, 0
     if os.path.exists(config_path):
         rec = read_json(config_path)
         norm = Normalization(tuple(rec["mean"]), tuple(rec["std"]))
         n_cls = len(rec["classes"])
         per_side = int(rec["config"].get("tiles_per_side") or 1)
+        # before --tiled-images every stored image of a tiled run held tiles
+        tiled_images = int(rec["config"].get("tiled_images", rec["config"]["ipc"] if per_side > 1 else 0))
     elif teacher is not None:
         norm, n_cls = Normalization(teacher.mean, teacher.std), teacher.spec.num_classes
     else:
@@ -181,5 +192,18 @@ def load_synthetic(root: str, teacher: "LoadedModel | None", device) -> tuple[to
         raise UserError(f"the teacher has {teacher.spec.num_classes} classes but the synthetic set {root} has {n_cls}.")
     if int(labels.max()) >= n_cls:
         raise UserError(f"the synthetic set {root} has class folders beyond its {n_cls} classes.")
-    images = decode_tiles(norm.normalize(images.to(device)), per_side)
-    return images, labels.to(device).repeat_interleave(per_side * per_side), norm
+    images, labels = norm.normalize(images.to(device)), labels.to(device)
+    if per_side == 1:
+        return images, labels, norm
+    tiled = torch.tensor([stored_ipc_index(path) < tiled_images for path, _ in tree_files(root)[0]], device=device)
+    images = torch.cat([decode_tiles(images[tiled], per_side), images[~tiled]])
+    labels = torch.cat([labels[tiled].repeat_interleave(per_side * per_side), labels[~tiled]])
+    return images, labels, norm
+
+
+def stored_ipc_index(path: str) -> int:
+    """The index of a recovered image within its class, from its name (image_path)."""
+    name = os.path.basename(path)
+    if not (name.startswith("ipc") and name.split(".")[0][3:].isdigit()):
+        raise UserError(f"{path} is not named as a recovered image (ipcNNNNN.png); its tiles cannot be told.")
+    return int(name.split(".")[0][3:])

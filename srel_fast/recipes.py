@@ -77,28 +77,33 @@ _SREL_RECOVER = dict(
 # digits, docs/results/quality.md). Otherwise SRe2L's objective from noise.
 SREL_SMALL_DATA_RECOVER = dict(init="real", r_class=1.0, r_bn=0.0, first_bn_multiplier=1.0, lr=0.03,
                                iterations=100, crop_mode="image", min_scale=0.5, tiles_per_side=1)
-# At IPC 1 the one image of a class is recovered longer: 1,000 iterations gave better students than
-# 100 on Fashion-MNIST (nine seeds: 81.76 +- 1.23 against 80.62 +- 1.87, 7 of 9 seeds ahead) and on
+# One whole image of a class is recovered longer: 1,000 iterations gave better students than 100 at
+# IPC 1 on Fashion-MNIST (nine seeds: 81.76 +- 1.23 against 80.62 +- 1.87, 7 of 9 seeds ahead) and on
 # digits (three seeds, +0.37, all ahead), while at IPC 10 they gave worse ones (-0.36, three seeds of
 # three; not measured why: perhaps the longer pull toward one class's statistics makes its ten
 # images alike) (docs/results/quality.md). At IPC 2 and 5 the two lengths were level (Fashion-MNIST
-# -0.04 and -0.20, digits IPC 2 +0.15; three seeds each), so IPC 2 and up keep 100.
-SREL_SMALL_DATA_IPC1_ITERATIONS = 1000
+# -0.04 and -0.20, digits IPC 2 +0.15; three seeds each), so two whole images and more keep 100.
+SREL_SMALL_DATA_ONE_WHOLE_ITERATIONS = 1000
 # At IPC 1 the one stored image of a class holds 2 x 2 images at half the size (IDC's
-# multi-formation) on images of at least SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE px (14-px tiles): on
+# multi-formation) on images of at least SREL_SMALL_DATA_TILES_MIN_SIZE px (14-px tiles): on
 # Fashion-MNIST the students gained 1.18 points over one recovered image per class (84.14 against
 # 82.96, three seeds, every seed ahead), 3.83 over one random real image. On digits (8 px: 4-px
-# tiles) they lost 5.9 points (three seeds). At Fashion-MNIST IPC 2, recovered as long as at IPC 1,
-# they were level with untiled images (+0.09, four seeds) at four times the student's cost, and at
-# IPC 5 and 10 they lost (-2.43 and -4.19, one seed each): there the tiles' lost detail costs more
-# than their number brings (docs/results/quality.md).
-SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE = 28
+# tiles) they lost 5.9 points (three seeds). At Fashion-MNIST IPC 2 every stored image in tiles was
+# level with whole images (+0.09 / +0.17 over four seeds, recovered 1,000 / 3,000 iterations), and at
+# IPC 5 and 10 it lost (-2.43 and -4.19, one seed each): there the tiles' lost detail costs more than
+# their number brings. One stored image of tiles beside whole ones (mixed formation) is the best
+# measured at IPC 2: SREL_SMALL_DATA_TILED_IMAGES stored images per class hold tiles, the others are
+# whole, at IPC up to SREL_SMALL_DATA_TILES_MAX_IPC (docs/results/quality.md).
+SREL_SMALL_DATA_TILES_MIN_SIZE = 28
+SREL_SMALL_DATA_TILES_MAX_IPC = 2
+SREL_SMALL_DATA_TILED_IMAGES = 1
 # Tiles need a longer recovery than whole images: at Fashion-MNIST IPC 1, 3,000 iterations gave better
 # students than 1,000 (seven seeds: +0.29 paired, five of seven ahead; the untiled images lost 0.56 with
-# that change), and at IPC 2 1,000 gave better ones than the rule's 100 (+1.0, two seeds)
-# (docs/results/quality.md). So stored tiles, by the rule or by --tiles-per-side, get these lengths.
-SREL_SMALL_DATA_TILES_IPC1_ITERATIONS = 3000
-SREL_SMALL_DATA_TILES_ITERATIONS = 1000   # IPC 2 and up
+# that change), and at IPC 2 with every stored image in tiles 1,000 gave better ones than 100 (+1.0,
+# two seeds) (docs/results/quality.md). So stored tiles, by the rule or by --tiles-per-side, get these
+# lengths (--tile-iterations), by how many stored images of a class hold them.
+SREL_SMALL_DATA_ONE_TILED_ITERATIONS = 3000
+SREL_SMALL_DATA_TILES_ITERATIONS = 1000   # two or more stored images of tiles per class
 SREL_DEFAULT_RECOVER = dict(init="noise", r_class=0.0, first_bn_multiplier=10.0, iterations=1000,
                             crop_mode="batch", min_scale=0.08, tiles_per_side=1)
 # CutMix in every student batch (as the official ImageNet student): on Fashion-MNIST IPC 10 it lifted both the
@@ -158,6 +163,7 @@ _OFFICIAL_RECOVER = dict(
     iterations=4000, batch_size=100, first_bn_multiplier=10.0, min_scale=0.08, max_scale=1.0, crop_mode="batch",
     class_layout="consecutive", image_format="jpg", jpeg_quality=75, pixel_rounding="truncate",
     init="noise", r_class=0.0, class_images=10, crop_curriculum="none", init_select="random", tiles_per_side=1,
+    tiled_images=0, tile_iterations=4000,   # no tiles: tile_iterations is the iterations' value, unused
 )
 
 RECIPES: dict[str, Recipe] = {
@@ -184,12 +190,17 @@ RECIPES: dict[str, Recipe] = {
             **{k: f"small images (< 128 px) with real data: {v}; else {SREL_DEFAULT_RECOVER[k]}"
                for k, v in SREL_SMALL_DATA_RECOVER.items()
                if k in SREL_DEFAULT_RECOVER and k not in ("iterations", "tiles_per_side")},
-            "tiles_per_side": (f"small images (< 128 px) with real data: 2 at IPC 1 for images of an even size "
-                               f"of at least {SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE} px, else 1; else 1"),
-            "iterations": (f"small images (< 128 px) with real data: {SREL_SMALL_DATA_IPC1_ITERATIONS} at IPC 1, "
-                           f"else {SREL_SMALL_DATA_RECOVER['iterations']}; stored as tiles: "
-                           f"{SREL_SMALL_DATA_TILES_IPC1_ITERATIONS} at IPC 1, else "
-                           f"{SREL_SMALL_DATA_TILES_ITERATIONS}; else {SREL_DEFAULT_RECOVER['iterations']}")}},
+            "tiles_per_side": (f"small images (< 128 px) with real data: 2 at IPC {SREL_SMALL_DATA_TILES_MAX_IPC} "
+                               f"and below for images of an even size of at least {SREL_SMALL_DATA_TILES_MIN_SIZE} "
+                               "px, else 1; else 1"),
+            "tiled_images": (f"with tiles: small images with real data: {SREL_SMALL_DATA_TILED_IMAGES} (the "
+                             "others whole); else every stored image; without tiles: 0"),
+            "iterations": (f"small images (< 128 px) with real data: {SREL_SMALL_DATA_ONE_WHOLE_ITERATIONS} for "
+                           f"one whole image per class, else {SREL_SMALL_DATA_RECOVER['iterations']}; else "
+                           f"{SREL_DEFAULT_RECOVER['iterations']}; with no whole image, the tile iterations"),
+            "tile_iterations": (f"the --iterations given; else small images with real data: "
+                                f"{SREL_SMALL_DATA_ONE_TILED_ITERATIONS} for one stored image of tiles per class, "
+                                f"else {SREL_SMALL_DATA_TILES_ITERATIONS}; else the iterations")}},
     ),
     "sre2l-imagenet": Recipe(
         name="sre2l-imagenet",

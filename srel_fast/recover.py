@@ -89,6 +89,10 @@ class RecoverConfig:
     tiles_per_side: int | None = None  # k: each stored image holds k x k images of its class at 1/k of
                                        # the size (IDC's multi-formation), each optimised as a full-size
                                        # image (the crop upsamples it); 1: off
+    tiled_images: int | None = None    # with k > 1: how many of a class's stored images hold tiles (the
+                                       # first ones); the others are whole images (mixed formation)
+    tile_iterations: int | None = None  # iterations of the stored images of tiles (``iterations``: of
+                                        # the whole ones)
     crop_curriculum: str | None = None  # none | cda: the crops' lower scale bound eases from max_scale to min_scale
     data: str | None = None            # real training data for --init real and the class statistics
                                        # (default: the data set the --weights checkpoint was trained on)
@@ -114,7 +118,7 @@ class RecoverConfig:
         "iterations", "batch_size", "lr", "r_bn", "first_bn_multiplier", "jitter", "jitter_range", "min_scale",
         "max_scale", "crop_mode", "class_layout", "image_format", "jpeg_quality", "pixel_rounding",
         "normalization", "image_size", "init", "init_select", "r_class", "class_images", "crop_curriculum",
-        "tiles_per_side")
+        "tiles_per_side", "tiled_images", "tile_iterations")
     SPEED_SWITCHES: ClassVar[tuple[str, ...]] = (
         "bn_matching", "backend", "amp", "channels_last", "compile", "cuda_graphs", "group_batches", "check_every")
     # Fields that may differ between runs writing into the same output tree (the recipe's
@@ -125,23 +129,38 @@ class RecoverConfig:
     def resolved(self, image_size: int, real_data: bool = False) -> "RecoverConfig":
         """Every value filled: the recipe's, then the resolution rules for what it leaves open
         (by image size, and whether the real training data is known: ``real_data``)."""
-        from .recipes import (SREL_DEFAULT_RECOVER, SREL_SMALL_DATA_IPC1_ITERATIONS, SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE,
-                              SREL_SMALL_DATA_RECOVER, SREL_SMALL_DATA_TILES_IPC1_ITERATIONS,
-                              SREL_SMALL_DATA_TILES_ITERATIONS)
+        from .recipes import (SREL_DEFAULT_RECOVER, SREL_SMALL_DATA_ONE_TILED_ITERATIONS,
+                              SREL_SMALL_DATA_ONE_WHOLE_ITERATIONS, SREL_SMALL_DATA_RECOVER,
+                              SREL_SMALL_DATA_TILED_IMAGES, SREL_SMALL_DATA_TILES_ITERATIONS,
+                              SREL_SMALL_DATA_TILES_MAX_IPC, SREL_SMALL_DATA_TILES_MIN_SIZE)
 
         cfg = apply_recipe(self, "recover")
         big = image_size >= 128
+        small_data = not big and real_data
         rules = dict(SREL_DEFAULT_RECOVER, lr=0.25 if big else 0.1, r_bn=0.01 if big else 1.0)
-        if not big and real_data:
+        if small_data:
             rules = dict(SREL_SMALL_DATA_RECOVER)
-            if cfg.ipc == 1:
-                rules["iterations"] = SREL_SMALL_DATA_IPC1_ITERATIONS
-                if image_size >= SREL_SMALL_DATA_IPC1_TILES_MIN_SIZE and image_size % 2 == 0:
-                    rules["tiles_per_side"] = 2
-            tiles = cfg.tiles_per_side if cfg.tiles_per_side is not None else rules["tiles_per_side"]
-            if tiles > 1:   # tiles need the longer recovery (recipes.py)
-                rules["iterations"] = (SREL_SMALL_DATA_TILES_IPC1_ITERATIONS if cfg.ipc == 1
-                                       else SREL_SMALL_DATA_TILES_ITERATIONS)
+            if (cfg.ipc <= SREL_SMALL_DATA_TILES_MAX_IPC and image_size >= SREL_SMALL_DATA_TILES_MIN_SIZE
+                    and image_size % 2 == 0):
+                rules["tiles_per_side"] = 2
+        tiles = cfg.tiles_per_side if cfg.tiles_per_side is not None else rules["tiles_per_side"]
+        # Of a class's stored images the first `tiled` hold tiles, the other `whole` are whole images.
+        tiled = (0 if tiles == 1 else min(cfg.ipc, SREL_SMALL_DATA_TILED_IMAGES) if small_data else cfg.ipc)
+        tiled = cfg.tiled_images if cfg.tiled_images is not None else tiled
+        whole = cfg.ipc - tiled
+        rules["tiled_images"] = tiled
+        if small_data:   # the lengths by formation and count (recipes.py)
+            rules["iterations"] = SREL_SMALL_DATA_ONE_WHOLE_ITERATIONS if whole == 1 else rules["iterations"]
+            if tiled:
+                rules["tile_iterations"] = (SREL_SMALL_DATA_ONE_TILED_ITERATIONS if tiled == 1
+                                            else SREL_SMALL_DATA_TILES_ITERATIONS)
+        # A length given is every image's, and without tiles the tiles' length is the iterations'
+        # (unused); with no whole image, the iterations are the tiles' (as recorded before
+        # --tiled-images existed).
+        if cfg.iterations is not None or not tiled or "tile_iterations" not in rules:
+            rules["tile_iterations"] = cfg.iterations or rules["iterations"]
+        if whole == 0:
+            rules["iterations"] = cfg.tile_iterations or rules["tile_iterations"]
         rules["jitter"] = 32 if big else image_size // 16
         return dataclasses.replace(
             cfg, ipc_end=cfg.ipc if cfg.ipc_end is None else cfg.ipc_end,
@@ -253,6 +272,15 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"--init-select {cfg.init_select} chooses real start images: it needs --init real.")
     if cfg.tiles_per_side < 1:
         raise UserError(f"--tiles-per-side must be >= 1, got {cfg.tiles_per_side}.")
+    if not (0 <= cfg.tiled_images <= cfg.ipc):
+        raise UserError(f"--tiled-images must be between 0 and --ipc {cfg.ipc}, got {cfg.tiled_images}.")
+    if cfg.tiled_images > 0 and cfg.tiles_per_side == 1:
+        raise UserError(f"--tiled-images {cfg.tiled_images} stores tiles: it needs --tiles-per-side 2 or more.")
+    if cfg.tiled_images == 0 and cfg.tiles_per_side > 1:
+        raise UserError(f"--tiles-per-side {cfg.tiles_per_side} with --tiled-images 0 stores no tiles; give "
+                        "--tiled-images (stored images per class that hold tiles) or --tiles-per-side 1.")
+    if cfg.tile_iterations <= 0:
+        raise UserError(f"--tile-iterations must be positive, got {cfg.tile_iterations}.")
     if cfg.crop_curriculum not in CROP_CURRICULA:
         raise UserError(f"--crop-curriculum must be {' or '.join(CROP_CURRICULA)}, got {cfg.crop_curriculum!r}.")
     if cfg.r_class < 0:
@@ -390,6 +418,30 @@ class RealImages:
         return self.images[[self.index(c, ipc_index) for c in classes]]
 
 
+def first_real_index(ipc_index: int, tiled_images: int, per_side: int) -> int:
+    """The position in its class's real-image order (RealImages) of the first start image of
+    stored image ``ipc_index``: each of the first ``tiled_images`` stored images takes
+    per_side**2 real images (its tiles), each later one a single image, so no two start alike."""
+    tiled = min(ipc_index, tiled_images)
+    return tiled * per_side ** 2 + (ipc_index - tiled)
+
+
+def real_images_used(cfg: "RecoverConfig") -> int:
+    """How many real images of a class the stored images 0 .. ipc - 1 start from."""
+    return first_real_index(cfg.ipc, cfg.tiled_images, cfg.tiles_per_side)
+
+
+def formations(cfg: "RecoverConfig") -> list["RecoverConfig"]:
+    """The run's stored images ipc_start .. ipc_end split by formation: the tiled ones (recovered
+    tile_iterations) and the whole ones (iterations), each as the config a Recoverer takes."""
+    parts = []
+    for lo, hi, iterations in ((cfg.ipc_start, min(cfg.ipc_end, cfg.tiled_images), cfg.tile_iterations),
+                               (max(cfg.ipc_start, cfg.tiled_images), cfg.ipc_end, cfg.iterations)):
+        if lo < hi:
+            parts.append(dataclasses.replace(cfg, ipc_start=lo, ipc_end=hi, iterations=iterations))
+    return parts
+
+
 def _compiled_or_eager(fn):
     """``torch.compile(fn)``, or ``fn`` itself from the first call where compiling or running
     the compiled code fails (with one warning): for a helper whose compiled form only saves
@@ -453,9 +505,11 @@ class Recoverer:
         self.size = image_size
         # --tiles-per-side k: the optimised images are the k*k tiles of each stored image, at
         # 1/k of the size; every crop of a tile is resized to the full size the model takes.
-        self.per_side = cfg.tiles_per_side
-        if image_size % self.per_side:
-            raise UserError(f"--tiles-per-side {self.per_side} must divide the image size {image_size}.")
+        # A Recoverer serves one formation: the config's stored images ipc_start.. hold tiles if
+        # they come before --tiled-images, else they are whole (run_recover makes one of each).
+        if image_size % cfg.tiles_per_side:
+            raise UserError(f"--tiles-per-side {cfg.tiles_per_side} must divide the image size {image_size}.")
+        self.per_side = cfg.tiles_per_side if cfg.ipc_start < cfg.tiled_images else 1
         self.tile = image_size // self.per_side
         self.tiles = self.per_side ** 2   # optimised images per stored image
         self.channels = channels
@@ -558,11 +612,12 @@ class Recoverer:
 
     def real_tiles(self, classes: list[int], ipc_index: int) -> torch.Tensor:
         """Real start images of stored image ``ipc_index`` of each class: its k*k tiles are the
-        class's real images k*k*ipc_index ... k*k*ipc_index + k*k - 1, area-downsampled to the
-        tile size (one image, unchanged, when k is 1)."""
+        class's next k*k real images (first_real_index), area-downsampled to the tile size (one
+        image, unchanged, for a whole image)."""
+        first = first_real_index(ipc_index, self.cfg.tiled_images, self.cfg.tiles_per_side)
         if self.tiles == 1:
-            return self.real.pick(classes, ipc_index)
-        index = [self.real.index(c, ipc_index * self.tiles + t) for c in classes for t in range(self.tiles)]
+            return self.real.pick(classes, first)
+        index = [self.real.index(c, first + t) for c in classes for t in range(self.tiles)]
         return F.interpolate(self.real.images[index].float(), size=(self.tile, self.tile), mode="area")
 
     def optimizer(self, x: torch.Tensor) -> torch.optim.Adam:
@@ -702,8 +757,12 @@ class Recoverer:
 def _upgrade_config(config: dict) -> dict:
     """A recover_config.json of an older version in today's fields: before --bn-matching,
     ``backend: torch`` meant the original code's hooks with the plain-PyTorch kernels; before
-    --tiles-per-side every stored image was one image (1)."""
+    --tiles-per-side every stored image was one image (1); before --tiled-images every stored
+    image held the tiles, recovered ``iterations``."""
     config = dict(config, tiles_per_side=config.get("tiles_per_side", 1))
+    if "tiled_images" not in config:
+        config.update(tiled_images=config["ipc"] if config["tiles_per_side"] > 1 else 0,
+                      tile_iterations=config["iterations"])
     if "bn_matching" in config:
         return config
     return dict(config, bn_matching="hooks" if config.get("backend") == "torch" else "fused")
@@ -830,12 +889,14 @@ def run_recover(cfg: RecoverConfig) -> dict:
                    if cfg.r_class > 0 else None)
     ranker = loaded.model.to(device).eval() if cfg.init_select != "random" else None
     pool = (RealImages(real[0], real[1], spec.num_classes, cfg.seed, cfg.init_select, ranker,
-                       count=cfg.ipc * cfg.tiles_per_side ** 2)
+                       count=real_images_used(cfg))
             if cfg.init == "real" and real is not None else None)
-    recoverer = Recoverer([lm.model for lm in teachers], norm, spec.image_size, spec.in_channels, cfg, device,
-                          real=pool, class_stats=class_stats)
-    with recoverer:
-        return _run_jobs(cfg, record, recoverer, norm, spec, rank, world)
+    for part in formations(cfg):   # tiles, then whole images (one of the two without --tiled-images)
+        recoverer = Recoverer([lm.model for lm in teachers], norm, spec.image_size, spec.in_channels, part, device,
+                              real=pool, class_stats=class_stats)
+        with recoverer:
+            manifest = _run_jobs(part, record, recoverer, norm, spec, rank, world)
+    return manifest
 
 
 def _run_jobs(cfg: RecoverConfig, record: dict, recoverer: Recoverer, norm: Normalization, spec, rank: int,

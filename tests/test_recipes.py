@@ -107,7 +107,9 @@ def test_recipe_defaults_and_overrides_in_the_saved_config(digits_teacher, tmp_p
     (1, 28, True, None, 3000),          # srel, small images with real data, IPC 1: stored as tiles, longer still
     (1, 29, True, None, 1000),          # ... an odd size, whole images: the longer recovery of IPC 1
     (1, 8, True, None, 1000),           # ... too small for tiles
-    (2, 28, True, None, 100),           # ... any other IPC: 100
+    (2, 28, True, None, 1000),          # ... IPC 2: one image of tiles and one whole, the whole one 1,000
+    (2, 8, True, None, 100),            # ... two whole images (too small for tiles): 100
+    (3, 28, True, None, 100),           # ... above IPC 2: 100
     (10, 8, True, None, 100),
     (1, 28, False, None, 1000),         # no real data: SRe2L's objective from noise, 1,000 at every IPC
     (10, 28, False, None, 1000),
