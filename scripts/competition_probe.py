@@ -13,7 +13,6 @@ student trains on the recovered images as in scripts/quality.py. Rows to OUT/row
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -28,8 +27,8 @@ import quality  # noqa: E402  (this directory's experiment script: the student o
 from srel_fast import recover  # noqa: E402
 from srel_fast.data import Normalization, load_builtin, random_real_subset  # noqa: E402
 from srel_fast.images import load_synthetic  # noqa: E402
-from srel_fast.models import ModelSpec, load_model  # noqa: E402
-from srel_fast.train import make_evaluator, train_student  # noqa: E402
+from srel_fast.models import load_model  # noqa: E402
+from srel_fast.train import train_student  # noqa: E402
 
 
 def js_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -77,16 +76,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
-    student_args = argparse.Namespace(student_defaults=True, ema=None, cutmix=None, train_epochs=None, data=args.data)
     teacher = load_model(args.teacher)
-    spec = ModelSpec("convnet3", teacher.spec.num_classes, teacher.spec.in_channels, teacher.spec.image_size, 128)
     norm = Normalization(teacher.mean, teacher.std)
     data = load_builtin(args.data, "train", (teacher.meta.get("config") or {}).get("seed", 0))
     tag = f"_adv{args.r_adv:g}_t{args.temperature:g}"
     rows = os.path.join(args.out, "rows.jsonl")
     for seed in map(int, args.seeds.split(",")):
-        cfg = dataclasses.replace(quality.student_config(student_args), seed=seed, label_mode="soft")
-        evaluate = make_evaluator(args.data, norm, spec.image_size, torch.device("cpu"), seed=seed)
+        spec, cfg, evaluate = quality.default_student(args.data, teacher, norm, seed)
         proxy_path = os.path.join(args.out, f"proxy_ipc{args.ipc}_s{seed}.pt")
         if not os.path.exists(proxy_path):   # the random-real row's student, kept as the proxy
             u8, labels = random_real_subset(data, args.ipc, seed)

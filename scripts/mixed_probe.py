@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402  (this directory's experiment script: recovery rows and the student)
 
 from srel_fast.images import load_synthetic  # noqa: E402
-from srel_fast.models import ModelSpec, load_model  # noqa: E402
-from srel_fast.train import make_evaluator, train_student  # noqa: E402
+from srel_fast.models import load_model  # noqa: E402
+from srel_fast.train import train_student  # noqa: E402
 
 WHOLE_SEED_OFFSET = 1000   # the whole image's recovery seed: its real start differs from the tiles'
 
@@ -50,28 +50,26 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     teacher = load_model(args.teacher)
-    spec = ModelSpec("convnet3", teacher.spec.num_classes, teacher.spec.in_channels, teacher.spec.image_size, 128)
-    student_args = argparse.Namespace(student_defaults=True, ema=None, cutmix=None, train_epochs=None, data=args.data)
     rows = os.path.join(args.out, "rows.jsonl")
+    set_parts = parts(args.tiled_ipc, args.whole_ipc)
     for seed in map(int, args.seeds.split(",")):
         t0 = time.perf_counter()
         images, labels, norm = [], [], None
-        for tag, (ipc, overrides, offset) in parts(args.tiled_ipc, args.whole_ipc).items():
+        for tag, (ipc, overrides, offset) in set_parts.items():
             part_args = argparse.Namespace(teacher=args.teacher, srel=True, srel_overrides=overrides, tag="_" + tag)
             syn = quality.recover_row("srel", part_args, ipc, seed + offset, args.out)
             x, y, norm = load_synthetic(syn, teacher, torch.device("cpu"))
             images.append(x)
             labels.append(y)
         images, labels = torch.cat(images), torch.cat(labels)
-        cfg = dataclasses.replace(quality.student_config(student_args), seed=seed, label_mode="soft")
-        evaluate = make_evaluator(args.data, norm, spec.image_size, torch.device("cpu"), seed=seed)
+        spec, cfg, evaluate = quality.default_student(args.data, teacher, norm, seed)
         res = train_student(images, labels, spec.num_classes, spec, cfg, evaluate, teacher=teacher.model)
         rec = {"data": args.data, "ipc": args.tiled_ipc + args.whole_ipc, "seed": seed,
                "row": f"srel_mixed_t2x{args.tiled_ipc}+t1x{args.whole_ipc}_nf15",
                "acc": res["test_accuracy"], "images_per_class": int((labels == 0).sum()),
                "teacher": args.teacher, "teacher_acc": teacher.meta.get("test_accuracy"),
                "parts": {tag: dict(overrides, ipc=ipc, seed=seed + offset)
-                         for tag, (ipc, overrides, offset) in parts(args.tiled_ipc, args.whole_ipc).items()},
+                         for tag, (ipc, overrides, offset) in set_parts.items()},
                "seconds": time.perf_counter() - t0, "student": dataclasses.asdict(cfg)}
         with open(rows, "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -41,6 +41,15 @@ def student_config(args) -> TrainConfig:
                        device="cpu")
 
 
+def default_student(data: str, teacher, norm, seed: int):
+    """The --student-defaults student (`srel-fast train` with no tuning flag) for the probes:
+    its spec (ConvNet-3 width 128), its config for one seed with soft labels, its evaluator."""
+    spec = ModelSpec("convnet3", teacher.spec.num_classes, teacher.spec.in_channels, teacher.spec.image_size, 128)
+    args = argparse.Namespace(student_defaults=True, ema=None, cutmix=None, train_epochs=None, data=data)
+    cfg = dataclasses.replace(student_config(args), seed=seed, label_mode="soft")
+    return spec, cfg, make_evaluator(data, norm, spec.image_size, torch.device("cpu"), seed=seed)
+
+
 def recover_row(row: str, args, ipc: int, seed: int, out: str) -> str:
     """The synthetic tree of a row (recovered once; srel-hard trains srel's with hard labels)."""
     row = "srel" if row == "srel-hard" else row

@@ -127,6 +127,13 @@ def load_tree(root: str, channels: int | None = None) -> tuple[torch.Tensor, tor
     """Read an image tree into uint8 images (N, C, H, W) and labels; classes are
     the sorted folder names, as in torchvision's ImageFolder."""
     listing, classes = tree_files(root)
+    images, labels = read_listing(root, listing, channels)
+    return images, labels, classes
+
+
+def read_listing(root: str, listing: list[tuple[str, int]], channels: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uint8 images (N, C, H, W) and labels of tree_files' listing of ``root``."""
     images, labels = [], []
     for path, label in listing:
         try:
@@ -142,7 +149,7 @@ def load_tree(root: str, channels: int | None = None) -> tuple[torch.Tensor, tor
     shapes = {tuple(t.shape) for t in images}
     if len(shapes) != 1:
         raise UserError(f"images under {root} have different shapes {sorted(shapes)[:3]}; expected one size.")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
 def save_grid(path: str, images01: torch.Tensor, labels: torch.Tensor, per_class: int = 10, class_names=None) -> None:
@@ -184,7 +191,8 @@ def load_synthetic(root: str, teacher: "LoadedModel | None", device) -> tuple[to
         norm, n_cls = Normalization(teacher.mean, teacher.std), teacher.spec.num_classes
     else:
         raise UserError(f"{root} has no recover_config.json; pass --teacher so its normalisation can be used.")
-    images, labels, classes = load_tree(root)
+    listing, classes = tree_files(root)
+    images, labels = read_listing(root, listing)
     folder_ids = [int(c) if c.isdigit() else None for c in classes]
     if None not in folder_ids:  # srel-fast trees name folders by class index
         labels = torch.tensor(folder_ids)[labels]
@@ -195,7 +203,7 @@ def load_synthetic(root: str, teacher: "LoadedModel | None", device) -> tuple[to
     images, labels = norm.normalize(images.to(device)), labels.to(device)
     if per_side == 1:
         return images, labels, norm
-    tiled = torch.tensor([stored_ipc_index(path) < tiled_images for path, _ in tree_files(root)[0]], device=device)
+    tiled = torch.tensor([stored_ipc_index(path) < tiled_images for path, _ in listing], device=device)
     images = torch.cat([decode_tiles(images[tiled], per_side), images[~tiled]])
     labels = torch.cat([labels[tiled].repeat_interleave(per_side * per_side), labels[~tiled]])
     return images, labels, norm

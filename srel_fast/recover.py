@@ -148,19 +148,15 @@ class RecoverConfig:
         tiled = (0 if tiles == 1 else min(cfg.ipc, SREL_SMALL_DATA_TILED_IMAGES) if small_data else cfg.ipc)
         tiled = cfg.tiled_images if cfg.tiled_images is not None else tiled
         whole = cfg.ipc - tiled
-        rules["tiled_images"] = tiled
-        if small_data:   # the lengths by formation and count (recipes.py)
-            rules["iterations"] = SREL_SMALL_DATA_ONE_WHOLE_ITERATIONS if whole == 1 else rules["iterations"]
-            if tiled:
-                rules["tile_iterations"] = (SREL_SMALL_DATA_ONE_TILED_ITERATIONS if tiled == 1
-                                            else SREL_SMALL_DATA_TILES_ITERATIONS)
-        # A length given is every image's, and without tiles the tiles' length is the iterations'
-        # (unused); with no whole image, the iterations are the tiles' (as recorded before
-        # --tiled-images existed).
-        if cfg.iterations is not None or not tiled or "tile_iterations" not in rules:
-            rules["tile_iterations"] = cfg.iterations or rules["iterations"]
-        if whole == 0:
-            rules["iterations"] = cfg.tile_iterations or rules["tile_iterations"]
+        if small_data and whole == 1:   # the lengths by formation and count (recipes.py)
+            rules["iterations"] = SREL_SMALL_DATA_ONE_WHOLE_ITERATIONS
+        if small_data and tiled and cfg.iterations is None:
+            tile_iterations = SREL_SMALL_DATA_ONE_TILED_ITERATIONS if tiled == 1 else SREL_SMALL_DATA_TILES_ITERATIONS
+        else:   # a length given is every image's; without the rule's tiles, the iterations' (unused without tiles)
+            tile_iterations = cfg.iterations or rules["iterations"]
+        rules.update(tiled_images=tiled, tile_iterations=tile_iterations)
+        if whole == 0:   # no whole image: the iterations are the tiles' (as recorded before --tiled-images)
+            rules["iterations"] = cfg.tile_iterations or tile_iterations
         rules["jitter"] = 32 if big else image_size // 16
         return dataclasses.replace(
             cfg, ipc_end=cfg.ipc if cfg.ipc_end is None else cfg.ipc_end,
@@ -424,11 +420,6 @@ def first_real_index(ipc_index: int, tiled_images: int, per_side: int) -> int:
     per_side**2 real images (its tiles), each later one a single image, so no two start alike."""
     tiled = min(ipc_index, tiled_images)
     return tiled * per_side ** 2 + (ipc_index - tiled)
-
-
-def real_images_used(cfg: "RecoverConfig") -> int:
-    """How many real images of a class the stored images 0 .. ipc - 1 start from."""
-    return first_real_index(cfg.ipc, cfg.tiled_images, cfg.tiles_per_side)
 
 
 def formations(cfg: "RecoverConfig") -> list["RecoverConfig"]:
@@ -889,7 +880,7 @@ def run_recover(cfg: RecoverConfig) -> dict:
                    if cfg.r_class > 0 else None)
     ranker = loaded.model.to(device).eval() if cfg.init_select != "random" else None
     pool = (RealImages(real[0], real[1], spec.num_classes, cfg.seed, cfg.init_select, ranker,
-                       count=real_images_used(cfg))
+                       count=first_real_index(cfg.ipc, cfg.tiled_images, cfg.tiles_per_side))   # all the run starts from
             if cfg.init == "real" and real is not None else None)
     for part in formations(cfg):   # tiles, then whole images (one of the two without --tiled-images)
         recoverer = Recoverer([lm.model for lm in teachers], norm, spec.image_size, spec.in_channels, part, device,
