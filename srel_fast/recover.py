@@ -882,17 +882,49 @@ def run_recover(cfg: RecoverConfig) -> dict:
     pool = (RealImages(real[0], real[1], spec.num_classes, cfg.seed, cfg.init_select, ranker,
                        count=first_real_index(cfg.ipc, cfg.tiled_images, cfg.tiles_per_side))   # all the run starts from
             if cfg.init == "real" and real is not None else None)
-    for part in formations(cfg):   # tiles, then whole images (one of the two without --tiled-images)
-        recoverer = Recoverer([lm.model for lm in teachers], norm, spec.image_size, spec.in_channels, part, device,
-                              real=pool, class_stats=class_stats)
-        with recoverer:
-            manifest = _run_jobs(part, record, recoverer, norm, spec, rank, world)
-    return manifest
+    plans = [_plan_jobs(part, spec.num_classes, rank, world) for part in formations(cfg)]   # tiles, then whole
+    # One progress line for the whole run: both formations' batches, iterations and time left.
+    todo_iterations = sum(len(p.todo) * p.cfg.iterations for p in plans)
+    n_jobs, n_done = sum(p.n_jobs for p in plans), sum(p.n_jobs - p.n_todo for p in plans)
+    bar = _progress_bar(cfg, todo_iterations, f"recover ({n_done} of {n_jobs} batches done)")
+    progress = RunProgress(bar, n_jobs, n_done, sum(p.images_done for p in plans), todo_iterations)   # issue 19
+    failed = []
+    try:
+        for plan in plans:
+            if not plan.todo:   # a resumed run's finished formation: no Recoverer to build
+                continue
+            recoverer = Recoverer([lm.model for lm in teachers], norm, spec.image_size, spec.in_channels, plan.cfg,
+                                  device, real=pool, class_stats=class_stats)
+            with recoverer:
+                failed += _run_jobs(plan, recoverer, norm, progress, rank, world)
+    finally:
+        if bar is not None:
+            bar.close()
+    return write_manifest(cfg, record, failed)
 
 
-def _run_jobs(cfg: RecoverConfig, record: dict, recoverer: Recoverer, norm: Normalization, spec, rank: int,
-              world: int) -> dict:
-    batches = class_batches(spec.num_classes, cfg.batch_size, cfg.class_layout)
+@dataclasses.dataclass
+class JobPlan:
+    """One formation's recovery jobs on this rank: ``launches`` (lists of (ipc index, batch index)
+    recovered together), those not finished by an earlier run (``todo``), and the images already
+    written."""
+    cfg: RecoverConfig
+    batches: list[list[int]]
+    launches: list[list[tuple[int, int]]]
+    todo: list[list[tuple[int, int]]]
+    images_done: int
+
+    @property
+    def n_jobs(self) -> int:
+        return sum(map(len, self.launches))
+
+    @property
+    def n_todo(self) -> int:
+        return sum(map(len, self.todo))
+
+
+def _plan_jobs(cfg: RecoverConfig, num_classes: int, rank: int, world: int) -> JobPlan:
+    batches = class_batches(num_classes, cfg.batch_size, cfg.class_layout)
     jobs = [(i, b) for i in range(cfg.ipc_start, cfg.ipc_end) for b in range(len(batches))]
     # Launches: up to group_batches consecutive jobs of equal size stacked together. The
     # grouping depends only on the config and the ipc range, so a resumed or sharded run
@@ -911,20 +943,30 @@ def _run_jobs(cfg: RecoverConfig, record: dict, recoverer: Recoverer, norm: Norm
         else:
             launches.append([(i, b)])
     launches = launches[rank::world]
-    progress_path = os.path.join(cfg.out, f"progress.rank{rank}.jsonl" if world > 1 else "progress.jsonl")
-    done = {(r["ipc_index"], r["batch_index"]) for r in read_jsonl(progress_path) if r["status"] == "ok"}
+    done = {(r["ipc_index"], r["batch_index"]) for r in read_jsonl(_progress_path(cfg, rank, world))
+            if r["status"] == "ok"}
 
     def complete(i: int, b: int) -> bool:
         return (i, b) in done and all(
             os.path.exists(image_path(cfg.out, c, i, cfg.image_format)) for c in batches[b])
 
     todo = [launch for launch in launches if not all(complete(i, b) for i, b in launch)]
-    n_jobs, n_todo = sum(map(len, launches)), sum(map(len, todo))
-    bar = _progress_bar(cfg, len(todo) * cfg.iterations, f"recover ({n_jobs - n_todo} of {n_jobs} batches done)")
-    progress = RunProgress(bar, n_jobs, n_jobs - n_todo, sum(len(batches[b]) for i, b in jobs if complete(i, b)),
-                           len(todo) * cfg.iterations)   # issue 19: batches and images as they finish, time left
+    images_done = sum(len(batches[b]) for launch in launches for i, b in launch if complete(i, b))
+    return JobPlan(cfg, batches, launches, todo, images_done)
+
+
+def _progress_path(cfg: RecoverConfig, rank: int, world: int) -> str:
+    return os.path.join(cfg.out, f"progress.rank{rank}.jsonl" if world > 1 else "progress.jsonl")
+
+
+def _run_jobs(plan: JobPlan, recoverer: Recoverer, norm: Normalization, progress: "RunProgress", rank: int,
+              world: int) -> list[dict]:
+    """Recover a plan's unfinished launches, saving each batch's images and progress entry as it
+    finishes; returns the entries of the batches that became non-finite."""
+    cfg, batches, bar = plan.cfg, plan.batches, progress.bar
+    progress_path = _progress_path(cfg, rank, world)
     failed = []
-    for launch in todo:
+    for launch in plan.todo:
         where = ", ".join(f"ipc {i} batch {b}" for i, b in launch)
 
         def tick(it, loss, bar=bar, state={"shown": 0}):
@@ -945,17 +987,13 @@ def _run_jobs(cfg: RecoverConfig, record: dict, recoverer: Recoverer, norm: Norm
                 msg = (f"recovery batch (ipc {i}, batch {b}) became non-finite after iteration "
                        f"{result.iterations_done}; its last finite images are in {cfg.out}/failed/")
                 if cfg.on_nonfinite == "stop":
-                    if bar is not None:
-                        bar.close()
                     raise NonFiniteLoss(msg + "; lower --lr or --r-bn.")
                 print("warning: " + msg + "; going on with the other batches.", file=sys.stderr)
                 continue
             _save_batch(cfg, norm, result, None)
             append_jsonl(progress_path, entry)
             progress.batch_written(len(result.classes))
-    if bar is not None:
-        bar.close()
-    return write_manifest(cfg, record, failed)
+    return failed
 
 
 def _save_batch(cfg: RecoverConfig, norm: Normalization, result: BatchResult, folder: str | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from srel_fast.images import (decode_tiles, load_synthetic, load_tree, pack_tile
                               unpack_tiles)
 from srel_fast.kernels.multicrop_resize import multicrop_resize_reference
 from srel_fast.models import load_model
-from srel_fast.recover import RealImages, RecoverConfig, first_real_index, formations, run_recover
+from srel_fast.recover import RealImages, RecoverConfig, Recoverer, first_real_index, formations, run_recover
 
 
 @pytest.mark.parametrize("n,k,c,h,w", [(2, 2, 1, 3, 3), (3, 3, 3, 2, 4), (1, 1, 2, 5, 5), (2, 4, 1, 2, 2)])
@@ -113,6 +114,35 @@ def test_tiles_start_at_area_downsampled_real_images_of_the_class(digits_teacher
     assert torch.allclose(x, want)
     want_labels = torch.tensor([int(classes[lab]) for lab in labels])
     assert torch.equal(y, torch.cat([want_labels[is_tiled].repeat_interleave(4), want_labels[~is_tiled]]))
+
+
+def test_a_mixed_run_shows_one_progress_line_over_both_formations(digits_teacher, tmp_path, capsys, monkeypatch):
+    """The tiled and the whole images of a mixed run are counted on one line: batches of both
+    formations, images written, and the iterations of each at its own length; a resumed run
+    counts what is already there and builds no recoverer for a finished formation."""
+    out = tmp_path / "m"
+    cfg = RecoverConfig(out=str(out), weights=digits_teacher[0], ipc=3, batch_size=5, class_images=1,
+                        iterations=3, tile_iterations=2, device="cpu", progress=True, tiles_per_side=2,
+                        tiled_images=1)
+    capsys.readouterr()
+    assert run_recover(cfg)["completed_batches"] == 6
+    err = capsys.readouterr().err
+    assert "(0 of 6 batches done)" in err
+    for k in range(1, 7):
+        assert f"({k} of 6 batches done, {5 * k} images written, about " in err
+    assert "16/16" in err   # 2 batches of tiles x 2 iterations + 4 of whole images x 3
+    os.remove(tree_files(str(out))[0][-1][0])   # the last image listed: a whole one (ipc 2)
+    built = []
+    original = Recoverer.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(args[4].iterations)   # the formation's config: its length tells which
+        original(self, *args, **kwargs)
+    monkeypatch.setattr(Recoverer, "__init__", counting)
+    assert run_recover(cfg)["completed_batches"] == 6
+    err = capsys.readouterr().err
+    assert built == [3]
+    assert "(5 of 6 batches done)" in err and "(6 of 6 batches done, 30 images written, about " in err
 
 
 def test_tiled_recovery_lowers_its_loss_and_resumes_old_configs(digits_teacher, tmp_path):
