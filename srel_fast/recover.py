@@ -1015,14 +1015,16 @@ def write_manifest(cfg: RecoverConfig, record: dict, failed: list[dict]) -> dict
     for e in entries:
         latest[(e["ipc_index"], e["batch_index"])] = e
     ok = [e for e in latest.values() if e["status"] == "ok"]
+    # The model sees k*k images (one crop per tile) per stored image of tiles in an iteration.
+    model_images = sum(len(e["classes"]) * e["iterations_done"]
+                       * (cfg.tiles_per_side ** 2 if e["ipc_index"] < cfg.tiled_images else 1) for e in ok)
     manifest = {
         **record,
         "batches": sorted(latest.values(), key=lambda e: (e["ipc_index"], e["batch_index"])),
         "completed_batches": len(ok),
         "failed_batches": [e for e in latest.values() if e["status"] != "ok"],
         "seconds_total": sum(e["seconds"] for e in ok),
-        "ms_per_image_iteration": (1000 * sum(e["seconds"] for e in ok)
-                                   / max(1, sum(len(e["classes"]) * e["iterations_done"] for e in ok))),
+        "ms_per_image_iteration": 1000 * sum(e["seconds"] for e in ok) / max(1, model_images),
     }
     # Each rank rewrites the manifest when it finishes; the last one sees every batch.
     write_json(os.path.join(cfg.out, "manifest.json"), manifest)

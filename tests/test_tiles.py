@@ -125,7 +125,12 @@ def test_a_mixed_run_shows_one_progress_line_over_both_formations(digits_teacher
                         iterations=3, tile_iterations=2, device="cpu", progress=True, tiles_per_side=2,
                         tiled_images=1)
     capsys.readouterr()
-    assert run_recover(cfg)["completed_batches"] == 6
+    m = run_recover(cfg)
+    assert m["completed_batches"] == 6
+    # the cost is per image the model sees: 4 tiles of each stored image of tiles
+    seen = sum(len(e["classes"]) * e["iterations_done"] * (4 if e["ipc_index"] == 0 else 1) for e in m["batches"])
+    assert seen == 2 * 5 * 2 * 4 + 4 * 5 * 3
+    assert m["ms_per_image_iteration"] == pytest.approx(1000 * m["seconds_total"] / seen)
     err = capsys.readouterr().err
     assert "(0 of 6 batches done)" in err
     for k in range(1, 7):
