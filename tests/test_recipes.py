@@ -109,7 +109,8 @@ def test_recipe_defaults_and_overrides_in_the_saved_config(digits_teacher, tmp_p
     (1, 8, True, None, 1000),           # ... too small for tiles
     (2, 28, True, None, 1000),          # ... IPC 2: one image of tiles and one whole, the whole one 1,000
     (2, 8, True, None, 100),            # ... two whole images (too small for tiles): 100
-    (3, 28, True, None, 100),           # ... above IPC 2: 100
+    (3, 28, True, None, 100),           # ... IPC 3: one image of tiles and two whole, the whole ones 100
+    (4, 28, True, None, 100),           # ... above IPC 3: whole images, 100
     (10, 8, True, None, 100),
     (1, 28, False, None, 1000),         # no real data: SRe2L's objective from noise, 1,000 at every IPC
     (10, 28, False, None, 1000),

@@ -201,7 +201,8 @@ def test_tiles_per_side_is_validated(digits_teacher, tmp_path):
     (1, 28, True, (2, 1, 3000, 3000)),   # small images with real data, IPC 1: the one image in tiles
     (1, 32, True, (2, 1, 3000, 3000)),
     (2, 28, True, (2, 1, 3000, 1000)),   # IPC 2: one image of tiles, one whole (mixed formation)
-    (3, 28, True, (1, 0, 100, 100)),     # above IPC 2: whole images
+    (3, 28, True, (2, 1, 3000, 100)),    # IPC 3: one image of tiles, two whole ones
+    (4, 28, True, (1, 0, 100, 100)),     # above IPC 3: whole images
     (10, 28, True, (1, 0, 100, 100)),
     (1, 29, True, (1, 0, 1000, 1000)),   # an odd size: no tiles; one whole image recovers longer
     (1, 8, True, (1, 0, 1000, 1000)),    # too small for tiles
@@ -241,8 +242,8 @@ def test_formations_split_the_run_and_the_real_starts():
     part = dataclasses.replace(cfg, ipc_start=1, ipc_end=3)
     assert [(f.ipc_start, f.ipc_end) for f in formations(part)] == [(1, 2), (2, 3)]
     assert [(f.ipc_start, f.ipc_end) for f in formations(dataclasses.replace(cfg, ipc_start=3))] == [(3, 5)]
-    plain = RecoverConfig(out="", ipc=3).resolved(28, real_data=True)
-    assert [(f.ipc_start, f.ipc_end, f.iterations) for f in formations(plain)] == [(0, 3, 100)]
+    plain = RecoverConfig(out="", ipc=4).resolved(28, real_data=True)
+    assert [(f.ipc_start, f.ipc_end, f.iterations) for f in formations(plain)] == [(0, 4, 100)]
     # real start images: 4 per stored image of 2 x 2 tiles, then one per whole image
     assert [first_real_index(i, 2, 2) for i in range(5)] == [0, 4, 8, 9, 10]
     assert [first_real_index(i, 0, 2) for i in range(3)] == [0, 1, 2]
