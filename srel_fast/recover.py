@@ -896,7 +896,7 @@ def run_recover(cfg: RecoverConfig) -> dict:
             recoverer = Recoverer([lm.model for lm in teachers], norm, spec.image_size, spec.in_channels, plan.cfg,
                                   device, real=pool, class_stats=class_stats)
             with recoverer:
-                failed += _run_jobs(plan, recoverer, norm, progress, rank, world)
+                failed += _run_jobs(plan, recoverer, norm, progress)
     finally:
         if bar is not None:
             bar.close()
@@ -906,9 +906,10 @@ def run_recover(cfg: RecoverConfig) -> dict:
 @dataclasses.dataclass
 class JobPlan:
     """One formation's recovery jobs on this rank: ``launches`` (lists of (ipc index, batch index)
-    recovered together), those not finished by an earlier run (``todo``), and the images already
-    written."""
+    recovered together), those not finished by an earlier run (``todo``), the images already
+    written, and the rank's progress file."""
     cfg: RecoverConfig
+    progress_path: str
     batches: list[list[int]]
     launches: list[list[tuple[int, int]]]
     todo: list[list[tuple[int, int]]]
@@ -943,8 +944,8 @@ def _plan_jobs(cfg: RecoverConfig, num_classes: int, rank: int, world: int) -> J
         else:
             launches.append([(i, b)])
     launches = launches[rank::world]
-    done = {(r["ipc_index"], r["batch_index"]) for r in read_jsonl(_progress_path(cfg, rank, world))
-            if r["status"] == "ok"}
+    progress_path = os.path.join(cfg.out, f"progress.rank{rank}.jsonl" if world > 1 else "progress.jsonl")
+    done = {(r["ipc_index"], r["batch_index"]) for r in read_jsonl(progress_path) if r["status"] == "ok"}
 
     def complete(i: int, b: int) -> bool:
         return (i, b) in done and all(
@@ -952,19 +953,13 @@ def _plan_jobs(cfg: RecoverConfig, num_classes: int, rank: int, world: int) -> J
 
     todo = [launch for launch in launches if not all(complete(i, b) for i, b in launch)]
     images_done = sum(len(batches[b]) for launch in launches for i, b in launch if complete(i, b))
-    return JobPlan(cfg, batches, launches, todo, images_done)
+    return JobPlan(cfg, progress_path, batches, launches, todo, images_done)
 
 
-def _progress_path(cfg: RecoverConfig, rank: int, world: int) -> str:
-    return os.path.join(cfg.out, f"progress.rank{rank}.jsonl" if world > 1 else "progress.jsonl")
-
-
-def _run_jobs(plan: JobPlan, recoverer: Recoverer, norm: Normalization, progress: "RunProgress", rank: int,
-              world: int) -> list[dict]:
+def _run_jobs(plan: JobPlan, recoverer: Recoverer, norm: Normalization, progress: "RunProgress") -> list[dict]:
     """Recover a plan's unfinished launches, saving each batch's images and progress entry as it
     finishes; returns the entries of the batches that became non-finite."""
-    cfg, batches, bar = plan.cfg, plan.batches, progress.bar
-    progress_path = _progress_path(cfg, rank, world)
+    cfg, batches, bar, progress_path = plan.cfg, plan.batches, progress.bar, plan.progress_path
     failed = []
     for launch in plan.todo:
         where = ", ".join(f"ipc {i} batch {b}" for i, b in launch)
