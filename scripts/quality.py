@@ -31,21 +31,35 @@ ROWS = ("real-hard", "real-soft", "sre2l", "srel", "srel-hard")
 
 
 def student_config(args) -> TrainConfig:
+    overrides = dict(args.student_overrides)   # --student FIELD=VALUE
     if args.student_defaults:  # `srel-fast train` with no tuning flag (srel recipe, ConvNet-3 width 128)
         return TrainConfig(syn="", out="", val=args.data, arch="convnet3", progress=False, device="cpu",
-                           ema=args.ema, cutmix=args.cutmix, epochs=args.train_epochs)
+                           ema=args.ema, cutmix=args.cutmix, epochs=args.train_epochs, **overrides)
     # The demo's student (srel-fast demo): AdamW lr 0.01, batch 50, crops 0.5-1, T 20.
-    return TrainConfig(ema=args.ema or 0.0, cutmix=args.cutmix or 0.0, syn="", out="", val=args.data, arch="convnet3",
-                       width=args.width, epochs=args.train_epochs or 300,
-                       batch_size=50, optimizer="adamw", lr=0.01, weight_decay=0.01, min_scale=0.5, progress=False,
-                       device="cpu")
+    fields = dict(ema=args.ema or 0.0, cutmix=args.cutmix or 0.0, syn="", out="", val=args.data, arch="convnet3",
+                  width=args.width, epochs=args.train_epochs or 300, batch_size=50, optimizer="adamw", lr=0.01,
+                  weight_decay=0.01, min_scale=0.5, progress=False, device="cpu")
+    return TrainConfig(**{**fields, **overrides})
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
+    """FIELD=VALUE pairs: the value as JSON where it parses (numbers), else as the word."""
+    pairs = []
+    for item in items:
+        k, v = item.split("=", 1)
+        try:
+            pairs.append((k, json.loads(v)))
+        except json.JSONDecodeError:
+            pairs.append((k, v))
+    return pairs
 
 
 def default_student(data: str, teacher, norm, seed: int):
     """The --student-defaults student (`srel-fast train` with no tuning flag) for the probes:
     its spec (ConvNet-3 width 128), its config for one seed with soft labels, its evaluator."""
     spec = ModelSpec("convnet3", teacher.spec.num_classes, teacher.spec.in_channels, teacher.spec.image_size, 128)
-    args = argparse.Namespace(student_defaults=True, ema=None, cutmix=None, train_epochs=None, data=data)
+    args = argparse.Namespace(student_defaults=True, ema=None, cutmix=None, train_epochs=None, data=data,
+                              student_overrides=())
     cfg = dataclasses.replace(student_config(args), seed=seed, label_mode="soft")
     return spec, cfg, make_evaluator(data, norm, spec.image_size, torch.device("cpu"), seed=seed)
 
@@ -191,6 +205,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sre2l-iterations", type=int, default=1000)
     ap.add_argument("--srel", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a recover field of the srel row (ablations), e.g. r_class=0")
+    ap.add_argument("--student", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a train field of every row's student, e.g. temperature=4")
     ap.add_argument("--tag", default="", help="suffix of the row name (ablations)")
     ap.add_argument("--student-defaults", action="store_true",
                     help="train students with `srel-fast train`'s defaults instead of the demo's student")
@@ -211,15 +227,8 @@ def main(argv=None) -> None:
                 json.dump(out, f, indent=1)
         return None
     torch.set_num_threads(args.threads)
-    overrides = []
-    for item in args.srel:
-        k, v = item.split("=", 1)
-        try:
-            overrides.append((k, json.loads(v)))   # numbers
-        except json.JSONDecodeError:
-            overrides.append((k, v))               # words
-
-    args.srel_overrides = overrides
+    args.srel_overrides = parse_overrides(args.srel)
+    args.student_overrides = parse_overrides(args.student)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "rows.jsonl")
     done = set()
