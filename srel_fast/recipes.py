@@ -94,7 +94,7 @@ SREL_SMALL_DATA_ONE_WHOLE_ITERATIONS = 1000
 # their number brings. One stored image of tiles beside a whole one (mixed formation) is the best
 # measured at IPC 2: 1.10 points over two whole images (six seeds, every seed ahead), 2.42 over random
 # real images; at IPC 3 one of tiles beside two whole ones gained 0.92 over three whole ones (five
-# seeds, every seed ahead); at IPC 4 it was not clearly ahead (+0.34, four seeds, three ahead, at
+# seeds, every seed ahead); at IPC 4 it was not clearly ahead (+0.17, six seeds, four ahead, at
 # three times the cost); at IPC 5 one of tiles beside four whole ones was 0.24 behind five whole ones
 # (three seeds), at IPC 10 one beside nine 1.14 behind (one seed). So SREL_SMALL_DATA_TILED_IMAGES
 # stored images per class hold tiles, the others are whole, at IPC up to SREL_SMALL_DATA_TILES_MAX_IPC
