@@ -31,15 +31,15 @@ ROWS = ("real-hard", "real-soft", "sre2l", "srel", "srel-hard")
 
 
 def student_config(args) -> TrainConfig:
-    overrides = dict(args.student_overrides)   # --student FIELD=VALUE
     if args.student_defaults:  # `srel-fast train` with no tuning flag (srel recipe, ConvNet-3 width 128)
-        return TrainConfig(syn="", out="", val=args.data, arch="convnet3", progress=False, device="cpu",
-                           ema=args.ema, cutmix=args.cutmix, epochs=args.train_epochs, **overrides)
-    # The demo's student (srel-fast demo): AdamW lr 0.01, batch 50, crops 0.5-1, T 20.
-    fields = dict(ema=args.ema or 0.0, cutmix=args.cutmix or 0.0, syn="", out="", val=args.data, arch="convnet3",
-                  width=args.width, epochs=args.train_epochs or 300, batch_size=50, optimizer="adamw", lr=0.01,
-                  weight_decay=0.01, min_scale=0.5, progress=False, device="cpu")
-    return TrainConfig(**{**fields, **overrides})
+        fields = dict(ema=args.ema, cutmix=args.cutmix, epochs=args.train_epochs)
+    else:  # the demo's student (srel-fast demo): AdamW lr 0.01, batch 50, crops 0.5-1, T 20
+        fields = dict(ema=args.ema or 0.0, cutmix=args.cutmix or 0.0, width=args.width,
+                      epochs=args.train_epochs or 300, batch_size=50, optimizer="adamw", lr=0.01,
+                      weight_decay=0.01, min_scale=0.5)
+    # --student FIELD=VALUE last: it wins over the flags above
+    return TrainConfig(syn="", out="", val=args.data, arch="convnet3", progress=False, device="cpu",
+                       **{**fields, **dict(args.student_overrides)})
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
