@@ -38,16 +38,41 @@ def _tmp_prefix(path: str) -> str:
     return "." + os.path.basename(path) + "."
 
 
+def _writer_tag() -> str:
+    """'HOST.PID.': who writes a temporary file, so that a writer removes only the temporaries
+    of writers that died (several processes may write the same record: recovery's ranks)."""
+    return f"{platform.node() or 'host'}.{os.getpid()}."
+
+
+def _left_by_a_dead_writer(tmp_name: str, prefix: str) -> bool:
+    """Whether a temporary file of atomic_path (named PREFIX HOST.PID.XXXX.tmp) was left by a
+    writer that no longer runs: one of this host whose process is gone, or one without a tag
+    (written before tags). Another host's, or a live process's, may still be in flight."""
+    parts = tmp_name[len(prefix):-len(".tmp")].rsplit(".", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True
+    host, pid = parts[0], int(parts[1])
+    if host != (platform.node() or "host"):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:   # exists, another user's
+        return False
+    return False
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it is fsynced and
-    renamed to ``path``, and the temporary files a killed earlier writer of the same
-    ``path`` left behind are removed (only one process writes a given output file);
-    on any exception it is removed."""
+    renamed to ``path``, and the temporary files that killed earlier writers of the same
+    ``path`` left behind are removed (those of live writers stay: ranks of one run may
+    write the same record at once); on any exception it is removed."""
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     prefix = _tmp_prefix(path)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=prefix + _writer_tag(), suffix=".tmp", dir=directory)
     os.close(fd)
     try:
         yield tmp
@@ -56,8 +81,9 @@ def atomic_path(path: str) -> Iterator[str]:
         os.replace(tmp, path)
         _fsync_dir(directory)
         for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*.tmp")):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
+            if _left_by_a_dead_writer(os.path.basename(stale), prefix):
+                with contextlib.suppress(OSError):
+                    os.remove(stale)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)

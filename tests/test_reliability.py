@@ -1,5 +1,6 @@
 """Interrupted runs resume exactly; failures keep finished work; nothing is half-written."""
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -246,14 +247,52 @@ def test_recover_batch_size_zero(digits_teacher, tmp_path, capsys):
 
 
 def test_atomic_write_removes_what_a_killed_writer_of_the_same_file_left(tmp_path):
-    """A writer killed between mkstemp and rename leaves '.NAME.XXXX.tmp'; the next successful
-    write of NAME removes it, and leaves other files' temporaries alone."""
+    """A writer killed between mkstemp and rename leaves '.NAME.HOST.PID.XXXX.tmp' (or, before
+    writers were tagged, '.NAME.XXXX.tmp'); the next successful write of NAME removes those of
+    dead writers, and leaves alone other files' temporaries and those of writers still running
+    (recovery's ranks may write the same record at once) or running on another host."""
+    import platform
+    import subprocess
+
     from srel_fast.files import atomic_write_bytes
 
+    host = platform.node() or "host"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
     stale = tmp_path / ".ipc00002.png.abc123.tmp"
+    stale_tagged = tmp_path / f".ipc00002.png.{host}.{dead_pid}.x1y2z3.tmp"
+    live = tmp_path / f".ipc00002.png.{host}.{os.getppid()}.q9w8e7.tmp"
+    other_host = tmp_path / f".ipc00002.png.{host}-elsewhere.{dead_pid}.r5t6y7.tmp"
     other = tmp_path / ".ipc00003.png.def456.tmp"
-    stale.write_bytes(b"partial")
-    other.write_bytes(b"in flight")
+    for f in (stale, stale_tagged, live, other_host, other):
+        f.write_bytes(b"partial")
     atomic_write_bytes(str(tmp_path / "ipc00002.png"), b"image")
     assert (tmp_path / "ipc00002.png").read_bytes() == b"image"
-    assert not stale.exists() and other.exists()
+    assert not stale.exists() and not stale_tagged.exists()
+    assert live.exists() and other_host.exists() and other.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(f.name for f in (tmp_path / "ipc00002.png", live, other_host, other))
+
+
+def _write_the_same_record(path: str, writer: int, times: int) -> None:
+    from srel_fast.files import write_json
+
+    for i in range(times):
+        write_json(path, {"writer": writer, "i": i})
+
+
+def test_processes_writing_the_same_record_at_once_all_succeed(tmp_path):
+    """Recovery's ranks share no process group, so each may write recover_config.json at once:
+    one writer's clean-up must not delete another's temporary file in flight."""
+    import multiprocessing
+
+    path = str(tmp_path / "recover_config.json")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_the_same_record, args=(path, w, 300)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert json.load(open(path))["i"] == 299
+    assert os.listdir(tmp_path) == ["recover_config.json"]
