@@ -24,6 +24,7 @@ import torch
 from srel_fast.data import load_builtin, random_real_subset
 from srel_fast.images import load_synthetic
 from srel_fast.models import ModelSpec, load_model
+from srel_fast.recipes import apply_recipe, with_student_rules
 from srel_fast.recover import RecoverConfig, run_recover
 from srel_fast.train import TrainConfig, make_evaluator, train_student
 
@@ -104,7 +105,8 @@ def run_one(row: str, args, ipc: int, seed: int, out: str) -> dict:
                         teacher=teacher.model if mode == "soft" else None)
     return {"data": args.data, "ipc": ipc, "seed": seed, "row": row, "acc": res["test_accuracy"],
             "teacher": args.teacher, "teacher_acc": teacher.meta.get("test_accuracy"),
-            "data_seconds": t_data, "train_seconds": res["seconds"], "student": dataclasses.asdict(cfg),
+            "data_seconds": t_data, "train_seconds": res["seconds"],
+            "student": dataclasses.asdict(with_student_rules(apply_recipe(cfg, "train"), images.shape)),   # as it ran
             "srel_overrides": dict(args.srel_overrides) if row == "srel" else None}
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from srel_fast.errors import UserError
 from srel_fast.kernels.crop_sampler import sample_crop_boxes, sample_flip_shift
 from srel_fast.kernels.multicrop_resize import multicrop_resize
 
@@ -24,6 +25,12 @@ class CropParams:
 
 
 JITTER_RANGES = ("nonnegative", "symmetric")
+
+
+def check_crop_scale(min_scale: float, max_scale: float) -> None:
+    """RandomResizedCrop's area range, as every stage takes it: 0 < min <= max <= 1."""
+    if not (0 < min_scale <= max_scale <= 1):
+        raise UserError(f"crop scale range must satisfy 0 < min <= max <= 1, got {min_scale}..{max_scale}.")
 
 
 def draw_crop_params(n: int, height: int, width: int, generator: torch.Generator, *, per_image: bool,

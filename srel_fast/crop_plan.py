@@ -27,6 +27,12 @@ class CropPlanConfig:
     max_scale: float = 1.0
     cutmix: float = 0.0          # probability that a batch is CutMix-ed (beta 1.0)
 
+    @classmethod
+    def of(cls, cfg) -> "CropPlanConfig":
+        """The plan of a relabel or train config resolved for its images (recipe and
+        srel_fast.recipes.with_student_rules: under srel the crops' scale follows the images)."""
+        return cls(cfg.seed, cfg.batch_size, cfg.min_scale, cfg.max_scale, cfg.cutmix)
+
 
 @dataclass
 class PlannedBatch:

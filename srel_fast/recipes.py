@@ -40,6 +40,9 @@ from .errors import UserError
 
 DEFAULT_RECIPE = "srel"
 STAGES = ("squeeze", "recover", "relabel", "train", "demo")
+# px: from this size on, srel's rules take the ImageNet-like values (recovery's lr, r_bn and
+# jitter; the student's crops); below it, those measured on small images.
+SREL_LARGE_IMAGE = 128
 
 
 @dataclass(frozen=True)
@@ -113,14 +116,15 @@ SREL_DEFAULT_RECOVER = dict(init="noise", r_class=0.0, first_bn_multiplier=10.0,
                             crop_mode="batch", min_scale=0.08, tiles_per_side=1)
 # CutMix in every student batch (as the official ImageNet student): on Fashion-MNIST IPC 10 it lifted both the
 # synthetic and the random-real students, the synthetic more (docs/results/quality.md).
-_SREL_RELABEL = dict(batch_size=100, temperature=20.0, min_scale=0.08, max_scale=1.0, cutmix=1.0,
-                     normalization="imagenet", image_size=224)
+_SREL_RELABEL = dict(batch_size=100, temperature=20.0, max_scale=1.0, cutmix=1.0,
+                     normalization="imagenet", image_size=224)   # epochs, min_scale: by the images (below)
 _SREL_TRAIN = dict(
     batch_size=100, optimizer="adamw", lr=1e-3, weight_decay=0.01, momentum=0.9, temperature=20.0,
-    min_scale=0.08, max_scale=1.0, cutmix=1.0, lr_step="iteration", warmup_epochs=0, warmup_start_factor=0.01,
+    max_scale=1.0, cutmix=1.0, lr_step="iteration", warmup_epochs=0, warmup_start_factor=0.01,
     decay_bn_bias=True, grad_accumulation=1, kd_t2=False, normalization="imagenet",
     image_size=224, ema=0.0,
-)   # val_resize: by the size of the --val images (stage_rules; srel_fast.inspect_data)
+)   # val_resize: by the size of the --val images (stage_rules; srel_fast.inspect_data); epochs,
+#    min_scale: by the synthetic images (with_student_rules)
 # The student's length under srel (relabel and train alike, so that stored labels cover the
 # training): 300 epochs, but at least SREL_STUDENT_MIN_STEPS optimiser steps. A small
 # synthetic set makes few steps an epoch (Fashion-MNIST IPC 10: 100 images, one step of
@@ -140,16 +144,40 @@ def srel_student_epochs(num_images: int, batch_size: int) -> int:
     return max(SREL_STUDENT_EPOCHS, -(-SREL_STUDENT_MIN_STEPS // steps_per_epoch))
 
 
-def with_student_epochs(cfg, num_images: int, recipe_record: dict | None = None):
-    """``cfg`` (a resolved train or relabel config) with the recipe's rule for the epochs applied
-    when none were given: srel's 300 epochs but at least SREL_STUDENT_MIN_STEPS steps
-    (srel_student_epochs); recorded under the record's "from_recipe"."""
-    if cfg.epochs is not None:
+# The student's crops under srel (relabel and train alike): RandomResizedCrop's scale from
+# SREL_STUDENT_MIN_SCALE_SMALL on images under SREL_LARGE_IMAGE px, from the official ImageNet
+# student's 0.08 on larger ones. A crop of 8% of a 28-px image is about 8 x 8 pixels (of a
+# 14-px tile, 4 x 4); on Fashion-MNIST crops of 0.5-1 trained the better student from the
+# distilled images at IPC 1, 2 and 10 (+0.96, +0.36, +0.42) and from random real ones too
+# (docs/results/quality.md, "The student's crops and soft-label temperature").
+SREL_STUDENT_MIN_SCALE = 0.08
+SREL_STUDENT_MIN_SCALE_SMALL = 0.5
+SREL_STUDENT_MIN_SCALE_RULE = (f"{SREL_STUDENT_MIN_SCALE_SMALL} for synthetic images under {SREL_LARGE_IMAGE} px, "
+                               f"else {SREL_STUDENT_MIN_SCALE}")
+
+
+def srel_student_min_scale(height: int, width: int) -> float:
+    """srel's lower crop-scale bound for a student on ``height`` x ``width`` images."""
+    return SREL_STUDENT_MIN_SCALE_SMALL if min(height, width) < SREL_LARGE_IMAGE else SREL_STUDENT_MIN_SCALE
+
+
+def with_student_rules(cfg, images_shape, recipe_record: dict | None = None):
+    """``cfg`` (a resolved train or relabel config) with the recipe's rules for what depends on
+    the synthetic images (``images_shape``: N, C, H, W) applied to the fields left open: the
+    epochs (srel_student_epochs) and the crops' lower scale (srel_student_min_scale). Relabel
+    and train resolve them alike, so a store made with the defaults covers a student trained
+    with the defaults. Recorded under the record's "from_recipe"."""
+    num_images, _, height, width = images_shape
+    updates = {}
+    if cfg.epochs is None:
+        updates["epochs"] = srel_student_epochs(num_images, cfg.batch_size)
+    if cfg.min_scale is None:
+        updates["min_scale"] = srel_student_min_scale(height, width)
+    if not updates:
         return cfg
-    cfg = dataclasses.replace(cfg, epochs=srel_student_epochs(num_images, cfg.batch_size))
     if recipe_record is not None:
-        recipe_record["from_recipe"] = dict(sorted({**recipe_record["from_recipe"], "epochs": cfg.epochs}.items()))
-    return cfg
+        recipe_record["from_recipe"] = dict(sorted({**recipe_record["from_recipe"], **updates}.items()))
+    return dataclasses.replace(cfg, **updates)
 
 
 # The demo's own settings for Fashion-MNIST under srel (tuned there; see README). Under
@@ -186,21 +214,21 @@ RECIPES: dict[str, Recipe] = {
                                                "at most 224",
                                  "val_resize": "none for images of one size <= 64 px, else resize-crop"},
                      "train": {"val_resize": "none for --val images of one size <= 64 px, else resize-crop",
-                               "epochs": SREL_STUDENT_EPOCHS_RULE},
-                     "relabel": {"epochs": SREL_STUDENT_EPOCHS_RULE},
+                               "epochs": SREL_STUDENT_EPOCHS_RULE, "min_scale": SREL_STUDENT_MIN_SCALE_RULE},
+                     "relabel": {"epochs": SREL_STUDENT_EPOCHS_RULE, "min_scale": SREL_STUDENT_MIN_SCALE_RULE},
                      "recover": {
-            "lr": "0.25 at >= 128 px; small images with real data: 0.03; else 0.1",
-            "r_bn": "0.01 at >= 128 px; small images with real data: 0; else 1.0",
-            "jitter": "32 at >= 128 px, else image size // 16",
-            **{k: f"small images (< 128 px) with real data: {v}; else {SREL_DEFAULT_RECOVER[k]}"
+            "lr": f"0.25 at >= {SREL_LARGE_IMAGE} px; small images with real data: 0.03; else 0.1",
+            "r_bn": f"0.01 at >= {SREL_LARGE_IMAGE} px; small images with real data: 0; else 1.0",
+            "jitter": f"32 at >= {SREL_LARGE_IMAGE} px, else image size // 16",
+            **{k: f"small images (< {SREL_LARGE_IMAGE} px) with real data: {v}; else {SREL_DEFAULT_RECOVER[k]}"
                for k, v in SREL_SMALL_DATA_RECOVER.items()
                if k in SREL_DEFAULT_RECOVER and k not in ("iterations", "tiles_per_side")},
-            "tiles_per_side": (f"small images (< 128 px) with real data: 2 at IPC {SREL_SMALL_DATA_TILES_MAX_IPC} "
+            "tiles_per_side": (f"small images (< {SREL_LARGE_IMAGE} px) with real data: 2 at IPC {SREL_SMALL_DATA_TILES_MAX_IPC} "
                                f"and below for images of an even size of at least {SREL_SMALL_DATA_TILES_MIN_SIZE} "
                                "px, else 1; else 1"),
             "tiled_images": (f"with tiles: small images with real data: {SREL_SMALL_DATA_TILED_IMAGES} (the "
                              "others whole); else every stored image; without tiles: 0"),
-            "iterations": (f"small images (< 128 px) with real data: {SREL_SMALL_DATA_ONE_WHOLE_ITERATIONS} for "
+            "iterations": (f"small images (< {SREL_LARGE_IMAGE} px) with real data: {SREL_SMALL_DATA_ONE_WHOLE_ITERATIONS} for "
                            f"one whole image per class, else {SREL_SMALL_DATA_RECOVER['iterations']}; else "
                            f"{SREL_DEFAULT_RECOVER['iterations']}; with no whole image, the tile iterations"),
             "tile_iterations": (f"the --iterations given; else small images with real data: "

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from srel_fast.kernels import BACKENDS, crop_boxes_from_uniforms
 
 from . import distributed as _dist
-from .augment import JITTER_RANGES, CropParams, apply_crops, draw_crop_params
+from .augment import JITTER_RANGES, CropParams, apply_crops, check_crop_scale, draw_crop_params
 from .bn_matching import BN_MATCHINGS, bn_matching
 from .data import Normalization, check_data_path, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
@@ -132,10 +132,10 @@ class RecoverConfig:
         from .recipes import (SREL_DEFAULT_RECOVER, SREL_SMALL_DATA_ONE_TILED_ITERATIONS,
                               SREL_SMALL_DATA_ONE_WHOLE_ITERATIONS, SREL_SMALL_DATA_RECOVER,
                               SREL_SMALL_DATA_TILED_IMAGES, SREL_SMALL_DATA_TILES_ITERATIONS,
-                              SREL_SMALL_DATA_TILES_MAX_IPC, SREL_SMALL_DATA_TILES_MIN_SIZE)
+                              SREL_LARGE_IMAGE, SREL_SMALL_DATA_TILES_MAX_IPC, SREL_SMALL_DATA_TILES_MIN_SIZE)
 
         cfg = apply_recipe(self, "recover")
-        big = image_size >= 128
+        big = image_size >= SREL_LARGE_IMAGE
         small_data = not big and real_data
         rules = dict(SREL_DEFAULT_RECOVER, lr=0.25 if big else 0.1, r_bn=0.01 if big else 1.0)
         if small_data:
@@ -246,8 +246,7 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"--pixel-rounding must be {' or '.join(PIXEL_ROUNDINGS)}, got {cfg.pixel_rounding!r}.")
     if cfg.normalization not in MEAN_STD:
         raise UserError(f"--normalization must be one of {', '.join(MEAN_STD)}, got {cfg.normalization!r}.")
-    if not (0 < cfg.min_scale <= cfg.max_scale <= 1):
-        raise UserError(f"crop scale range must satisfy 0 < min <= max <= 1, got {cfg.min_scale}..{cfg.max_scale}.")
+    check_crop_scale(cfg.min_scale, cfg.max_scale)
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"--on-nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}.")
     if cfg.bn_matching is not None and cfg.bn_matching not in BN_MATCHINGS:

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from . import distributed as _dist
+from .augment import check_crop_scale
 from .crop_plan import CropPlanConfig, epoch_plan, make_inputs
 from .errors import UserError
 from .files import REPLACE, check_output, config_differences, environment, write_json
 from .images import load_synthetic
-from .recipes import resolve_recipe, with_student_epochs
+from .recipes import resolve_recipe, with_student_rules
 from .soft_labels import STORE_FORMAT, STORE_VERSION, TOPK_MODES, SoftLabelStore, index_dtype, reference_bytes
 
 
@@ -66,9 +67,9 @@ class RelabelConfig:
         "epochs", "batch_size", "temperature", "min_scale", "max_scale", "cutmix", "normalization", "image_size")
     ALGORITHM_FLAGS: ClassVar[tuple[str, ...]] = ("topk", "topk_mode")
 
-    def plan(self) -> CropPlanConfig:
-        cfg = resolve_recipe(self, "relabel")[0]
-        return CropPlanConfig(cfg.seed, cfg.batch_size, cfg.min_scale, cfg.max_scale, cfg.cutmix)
+    def plan(self, images_shape) -> CropPlanConfig:
+        """The crops of every epoch for synthetic images of ``images_shape`` (N, C, H, W)."""
+        return CropPlanConfig.of(with_student_rules(resolve_recipe(self, "relabel")[0], images_shape))
 
 
 @_dist.stage
@@ -80,12 +81,15 @@ def run_relabel(cfg: RelabelConfig) -> dict:
     cfg, recipe_record = resolve_recipe(cfg, "relabel")
     if cfg.epochs is not None and cfg.epochs <= 0:   # None: srel's rule, set once the images are known
         raise UserError(f"--epochs must be positive, got {cfg.epochs}.")
+    if cfg.min_scale is not None:   # None: srel's rule, checked once the images are known
+        check_crop_scale(cfg.min_scale, cfg.max_scale)
     if cfg.topk_mode not in TOPK_MODES:
         raise UserError(f"--topk-mode must be 'renorm' or 'spread', got {cfg.topk_mode!r}.")
     teacher = load_model(cfg.teacher, cfg.teacher_arch, image_size=cfg.image_size, normalization=cfg.normalization)
     device = _dist.resolve_device(cfg.device)
     images, labels, _ = load_synthetic(cfg.syn, teacher, device)
-    cfg = with_student_epochs(cfg, images.shape[0], recipe_record)
+    cfg = with_student_rules(cfg, images.shape, recipe_record)
+    check_crop_scale(cfg.min_scale, cfg.max_scale)   # the rule's crops against an explicit --max-scale
     n_cls = teacher.spec.num_classes
     if cfg.topk is not None and not (0 < cfg.topk <= n_cls):
         raise UserError(f"--topk must be between 1 and the class count {n_cls}, got {cfg.topk}.")
@@ -159,7 +163,7 @@ def _label_epochs(cfg: RelabelConfig, store: SoftLabelStore, teacher, images: to
     for epoch in todo:
         rows = []
         with torch.no_grad():
-            for pb in epoch_plan(cfg.plan(), epoch, images.shape[0], images.shape[2], images.shape[3]):
+            for pb in epoch_plan(cfg.plan(images.shape), epoch, images.shape[0], images.shape[2], images.shape[3]):
                 rows.append(model(make_inputs(images, pb, size, cfg.backend)).float().cpu())
         logits = torch.cat(rows)
         if cfg.topk:

@@ -43,12 +43,13 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as _dist
+from .augment import check_crop_scale
 from .data import Normalization, check_data_path, is_builtin, load_builtin
 from .errors import NonFiniteLoss, UserError
 from .files import check_output, environment, read_json, result_config, write_json
 from .images import load_synthetic
 from .models import ModelSpec, build_model, load_model, save_checkpoint
-from .recipes import apply_recipe, resolve_recipe, with_student_epochs
+from .recipes import apply_recipe, resolve_recipe, with_student_rules
 from .crop_plan import CropPlanConfig, epoch_plan, make_inputs
 from .soft_labels import SoftLabelStore
 from .evaluation import evaluate, evaluate_loader
@@ -109,9 +110,9 @@ class TrainConfig:
     # provenance: the resolved values are compared).
     RUN_ONLY_FIELDS: ClassVar[tuple[str, ...]] = ("overwrite", "progress", "device", "loader", "out", "recipe")
 
-    def plan(self) -> CropPlanConfig:
-        cfg = apply_recipe(self, "train")
-        return CropPlanConfig(cfg.seed, cfg.batch_size, cfg.min_scale, cfg.max_scale, cfg.cutmix)
+    def plan(self, images_shape) -> CropPlanConfig:
+        """The crops of every epoch for synthetic images of ``images_shape`` (N, C, H, W)."""
+        return CropPlanConfig.of(with_student_rules(resolve_recipe(self, "train")[0], images_shape))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -133,6 +134,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--val-resize must be {' or '.join(VAL_RESIZES)}, got {cfg.val_resize!r}.")
     if not (0 <= cfg.ema < 1):
         raise UserError(f"--ema must be in [0, 1), got {cfg.ema}.")
+    if cfg.min_scale is not None:   # None: srel's rule, set once the images are known
+        check_crop_scale(cfg.min_scale, cfg.max_scale)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -176,7 +179,7 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
                   cfg: TrainConfig, evaluate_fn, teacher: torch.nn.Module | None = None,
                   store: SoftLabelStore | None = None, resume_path: str | None = None) -> dict:
     """The training loop: ``images`` are normalised (N, C, H, W) on the device."""
-    cfg = with_student_epochs(apply_recipe(cfg, "train"), images.shape[0])
+    cfg = with_student_rules(apply_recipe(cfg, "train"), images.shape)
     validate(cfg)
     device = images.device
     seed_everything(cfg.seed)
@@ -216,7 +219,8 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     if ema is not None:
         model = ema.model
     acc = evaluate_fn(model)
-    return {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "epochs": cfg.epochs, "model": model}
+    return {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "epochs": cfg.epochs,
+            "min_scale": cfg.min_scale, "model": model}
 
 
 def _one_epoch(step: "StudentStep", epoch: int, scheduler, ema: WeightEMA | None) -> float:
@@ -225,7 +229,7 @@ def _one_epoch(step: "StudentStep", epoch: int, scheduler, ema: WeightEMA | None
     model.train()
     row = 0
     epoch_loss = 0.0
-    for pb in epoch_plan(cfg.plan(), epoch, images.shape[0], images.shape[2], images.shape[3]):
+    for pb in epoch_plan(cfg.plan(images.shape), epoch, images.shape[0], images.shape[2], images.shape[3]):
         epoch_loss += step(pb, row, epoch)
         if ema is not None:
             ema.update(model)
@@ -357,7 +361,8 @@ def run_train(cfg: TrainConfig) -> dict:
     teacher = (load_model(cfg.teacher, cfg.teacher_arch, image_size=cfg.image_size, normalization=cfg.normalization)
                if cfg.teacher else None)
     images, labels, norm = load_synthetic(cfg.syn, teacher, device)
-    cfg = with_student_epochs(cfg, images.shape[0], recipe_record)
+    cfg = with_student_rules(cfg, images.shape, recipe_record)
+    validate(cfg)   # again: the rules' crops against an explicit --max-scale
     rec_path = os.path.join(cfg.syn, "recover_config.json")
     base = ModelSpec(**read_json(rec_path)["model"]) if os.path.exists(rec_path) else teacher.spec
     cfg = _own_data_arch(cfg, base.image_size)   # issue 19: arch by image size when not given
@@ -369,8 +374,11 @@ def run_train(cfg: TrainConfig) -> dict:
         if (meta["num_images"], meta["batch_size"], meta["seed"]) != (images.shape[0], cfg.batch_size, cfg.seed):
             raise UserError(f"soft labels in {cfg.labels} were made for {meta['num_images']} images, batch "
                             f"{meta['batch_size']}, seed {meta['seed']}; train with the same --batch-size and --seed.")
-        if (meta["min_scale"], meta["max_scale"], meta["cutmix"]) != (cfg.min_scale, cfg.max_scale, cfg.cutmix):
-            raise UserError(f"soft labels in {cfg.labels} were made with other crop/CutMix settings; use the same ones.")
+        stored = (meta["min_scale"], meta["max_scale"], meta["cutmix"])
+        if stored != (cfg.min_scale, cfg.max_scale, cfg.cutmix):
+            raise UserError(f"soft labels in {cfg.labels} were made with crops of scale {stored[0]}-{stored[1]} and "
+                            f"CutMix {stored[2]}, this student has {cfg.min_scale}-{cfg.max_scale} and {cfg.cutmix}; "
+                            f"train with --min-scale {stored[0]} --max-scale {stored[1]} --cutmix {stored[2]}.")
         teacher_model = None
     else:
         teacher_model = teacher.model if teacher is not None else None
@@ -407,7 +415,8 @@ def _run_seeds(cfg: TrainConfig) -> dict:
     for s in seeds:
         res = run_train(dataclasses.replace(cfg, seed=s, seeds=None, out=os.path.join(cfg.out, f"seed{s}")))
         runs[s] = res["test_accuracy"]
-    resolved = dataclasses.replace(apply_recipe(cfg, "train"), epochs=res["epochs"])   # the rule's, if it set them
+    # the rules' epochs and crops, where they set them
+    resolved = dataclasses.replace(apply_recipe(cfg, "train"), epochs=res["epochs"], min_scale=res["min_scale"])
     accs = list(runs.values())
     summary = {"seeds": seeds, "test_accuracy": {str(s): a for s, a in runs.items()},
                "test_accuracy_mean": statistics.mean(accs),

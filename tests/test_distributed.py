@@ -137,7 +137,7 @@ def test_relabel_and_train_under_torchrun_equal_one_process(syn_tree, digits_tea
 
 def test_rank_slice_of_a_planned_batch_equals_the_whole_batch(syn_tree, digits_teacher):
     images, _, _ = load_synthetic(syn_tree, load_model(digits_teacher[0]), torch.device("cpu"))
-    plan = RelabelConfig(syn_tree, "", "", batch_size=7, cutmix=1.0).plan()
+    plan = RelabelConfig(syn_tree, "", "", batch_size=7, cutmix=1.0).plan(images.shape)
     for pb in epoch_plan(plan, 2, 20, 8, 8):
         whole = make_inputs(images, pb, (8, 8))
         parts = [make_inputs(images, pb, (8, 8), rows=slice(lo, hi)) for lo, hi in ((0, 3), (3, len(pb.indices)))]
@@ -165,7 +165,7 @@ def test_spread_store_keeps_true_probabilities_and_reads_are_mapped(syn_tree, di
     assert res["store_payload_bytes"] == 200 and res["full_fp16_bytes"] == 20 * 10 * 2
     images, _, _ = load_synthetic(syn_tree, teacher, torch.device("cpu"))
     row = 0
-    for pb in epoch_plan(RelabelConfig(syn_tree, "", "", batch_size=8).plan(), 0, 20, 8, 8):
+    for pb in epoch_plan(RelabelConfig(syn_tree, "", "", batch_size=8).plan(images.shape), 0, 20, 8, 8):
         with torch.no_grad():
             p = F.softmax(teacher.model.eval()(make_inputs(images, pb, (8, 8))) / 20.0, 1)
         got = store.soft_targets(0, slice(row, row + len(pb.indices)), 20.0, "cpu")

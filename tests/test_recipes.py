@@ -475,7 +475,7 @@ def test_accumulated_step_equals_one_step_with_bn_over_each_half(digits_teacher)
         seed_everything(cfg.seed)
         model = build_model(spec).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        (pb,) = epoch_plan(cfg.plan(), 0, 8, 8, 8)
+        (pb,) = epoch_plan(cfg.plan(images.shape), 0, 8, 8, 8)
         assert pb.mix_perm is not None   # CutMix pastes across the halves
         x = make_inputs(images, pb, (8, 8))
         with torch.no_grad():
@@ -497,7 +497,7 @@ def test_tiny_kd_loss_is_multiplied_by_t_squared():
     torch.manual_seed(0)
     out, t_logits = torch.randn(4, 10), torch.randn(4, 10)
     teacher = lambda x: t_logits  # noqa: E731
-    pb = epoch_plan(RelabelConfig("", "", "", batch_size=4).plan(), 0, 4, 8, 8)[0]
+    pb = epoch_plan(RelabelConfig("", "", "", batch_size=4).plan((4, 1, 8, 8)), 0, 4, 8, 8)[0]
     base = TrainConfig(syn="", out="", val="", arch="", temperature=20.0)
     plain = _student_loss(out, None, pb, None, 0, None, R.apply_recipe(base, "train"), 0, teacher, None, "cpu")
     tiny = R.apply_recipe(dataclasses.replace(base, recipe="sre2l-tiny"), "train")
@@ -519,11 +519,20 @@ def test_srel_student_epochs_rule(num_images, batch, epochs):
                                                   (epochs - 1) * math.ceil(num_images / batch) < R.SREL_STUDENT_MIN_STEPS)
 
 
-def test_relabel_and_train_share_the_epochs_rule_and_record_it(digits_teacher, tmp_path, monkeypatch):
-    """With no --epochs, relabel and train both take the rule's epochs for the synthetic set's size
-    (so a store made with the defaults covers a student trained with the defaults); an explicit
-    --epochs wins; the paper recipes keep their fixed epochs. The rule is scaled down here
-    (4 epochs, at least 10 steps) to keep the test short."""
+@pytest.mark.parametrize("height,width,min_scale", [(8, 8, 0.5), (28, 28, 0.5), (64, 64, 0.5), (127, 300, 0.5),
+                                                     (128, 128, 0.08), (224, 224, 0.08), (300, 160, 0.08)])
+def test_srel_student_crops_rule(height, width, min_scale):
+    """srel's student crops: scale 0.5-1 on images under 128 px (by the shorter side), else 0.08-1."""
+    assert R.srel_student_min_scale(height, width) == min_scale
+
+
+def test_relabel_and_train_share_the_student_rules_and_record_them(digits_teacher, tmp_path, monkeypatch):
+    """With no --epochs and no --min-scale, relabel and train both take the rules' values for the
+    synthetic set (its size and its images' size: 8-px digits get crops of 0.5-1), so a store made
+    with the defaults covers a student trained with the defaults; explicit values win; the paper
+    recipes keep their fixed ones; a student whose crops differ from the store's is refused with
+    the flags that match it. The epochs' rule is scaled down here (4 epochs, at least 10 steps)
+    to keep the test short."""
     from srel_fast.relabel import run_relabel
     from srel_fast.train import run_train
 
@@ -535,16 +544,43 @@ def test_relabel_and_train_share_the_epochs_rule_and_record_it(digits_teacher, t
     common = dict(syn=str(syn), batch_size=8, cutmix=0.0, device="cpu", progress=False)
     run_relabel(RelabelConfig(out=str(tmp_path / "labels"), teacher=digits_teacher[0], **common))
     store_meta = json.load(open(tmp_path / "labels" / "labels.json"))
-    assert store_meta["epochs"] == 5
+    assert (store_meta["epochs"], store_meta["min_scale"]) == (5, 0.5)
+    relabel_record = json.load(open(tmp_path / "labels" / "relabel_results.json"))["recipe"]["from_recipe"]
+    assert (relabel_record["epochs"], relabel_record["min_scale"]) == (5, 0.5)
     run_train(TrainConfig(out=str(tmp_path / "st"), val="digits", arch="convnet3", width=8,
                           labels=str(tmp_path / "labels"), **common))
     saved = json.load(open(tmp_path / "st" / "train_results.json"))
-    assert saved["config"]["epochs"] == 5 and saved["recipe"]["from_recipe"]["epochs"] == 5
+    assert (saved["config"]["epochs"], saved["config"]["min_scale"]) == (5, 0.5)
+    assert (saved["recipe"]["from_recipe"]["epochs"], saved["recipe"]["from_recipe"]["min_scale"]) == (5, 0.5)
+    with pytest.raises(UserError, match=r"crops of scale 0.5-1.0 .* --min-scale 0.5 --max-scale 1.0 --cutmix 0.0"):
+        run_train(TrainConfig(out=str(tmp_path / "st08"), val="digits", arch="convnet3", width=8, min_scale=0.08,
+                              labels=str(tmp_path / "labels"), **common))
     run_train(TrainConfig(out=str(tmp_path / "seeds"), val="digits", arch="convnet3", width=8, seeds="0,1",
                           teacher=digits_teacher[0], **common))
-    assert json.load(open(tmp_path / "seeds" / "train_results.json"))["config"]["epochs"] == 5
-    explicit = TrainConfig(syn="", out="", val="", arch="", epochs=3, batch_size=8)
-    assert R.with_student_epochs(R.apply_recipe(explicit, "train"), 10).epochs == 3
+    summary = json.load(open(tmp_path / "seeds" / "train_results.json"))["config"]
+    assert (summary["epochs"], summary["min_scale"]) == (5, 0.5)
+    shape = (10, 1, 8, 8)
+    explicit = TrainConfig(syn="", out="", val="", arch="", epochs=3, batch_size=8, min_scale=0.2)
+    resolved = R.with_student_rules(R.apply_recipe(explicit, "train"), shape)
+    assert (resolved.epochs, resolved.min_scale) == (3, 0.2)
     for paper in ("sre2l-imagenet", "sre2l-tiny"):
-        cfg = R.apply_recipe(TrainConfig(syn="", out="", val="", arch="", recipe=paper), "train")
-        assert R.with_student_epochs(cfg, 10).epochs == R.RECIPES[paper].values["train"]["epochs"]
+        cfg = R.with_student_rules(R.apply_recipe(TrainConfig(syn="", out="", val="", arch="", recipe=paper),
+                                                  "train"), shape)
+        assert (cfg.epochs, cfg.min_scale) == (R.RECIPES[paper].values["train"]["epochs"], 0.08)
+
+
+def test_relabel_and_train_refuse_a_bad_crop_scale_range(digits_teacher, tmp_path):
+    """Explicit ranges, and a --max-scale under the rule's lower bound (0.5 on 8-px images)."""
+    from srel_fast.relabel import run_relabel
+    from srel_fast.train import run_train
+
+    syn = str(tmp_path / "syn")
+    run_recover(RecoverConfig(out=syn, weights=digits_teacher[0], ipc=1, iterations=1, device="cpu", progress=False))
+    for min_scale, max_scale in [(0.0, 1.0), (0.6, 0.5), (0.5, 1.5), (-0.1, 1.0), (None, 0.3)]:
+        common = dict(syn=syn, min_scale=min_scale, max_scale=max_scale, device="cpu", progress=False)
+        with pytest.raises(UserError, match="crop scale range"):
+            run_relabel(RelabelConfig(out=str(tmp_path / "labels"), teacher=digits_teacher[0], epochs=1, **common))
+        with pytest.raises(UserError, match="crop scale range"):
+            run_train(TrainConfig(out=str(tmp_path / "st"), val="digits", arch="convnet3", width=8, epochs=1,
+                                  teacher=digits_teacher[0], **common))
+        assert not os.path.exists(tmp_path / "labels") and not os.path.exists(tmp_path / "st")

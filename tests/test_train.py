@@ -52,7 +52,7 @@ def test_stored_labels_match_online_teacher(syn_tree, digits_teacher, tmp_path, 
     images, _, _ = load_synthetic(syn_tree, teacher, torch.device("cpu"))
     row = 0
     model = teacher.model.eval()
-    for pb in epoch_plan(RelabelConfig(syn_tree, "", "", batch_size=8, cutmix=0.5).plan(), 1, 20, 8, 8):
+    for pb in epoch_plan(RelabelConfig(syn_tree, "", "", batch_size=8, cutmix=0.5).plan(images.shape), 1, 20, 8, 8):
         with torch.no_grad():
             logits = model(make_inputs(images, pb, (8, 8)))
         got = store.soft_targets(1, slice(row, row + len(pb.indices)), 20.0, "cpu")
