@@ -147,9 +147,10 @@ def srel_student_epochs(num_images: int, batch_size: int) -> int:
 # The student's crops under srel (relabel and train alike): RandomResizedCrop's scale from
 # SREL_STUDENT_MIN_SCALE_SMALL on images under SREL_LARGE_IMAGE px, from the official ImageNet
 # student's 0.08 on larger ones. A crop of 8% of a 28-px image is about 8 x 8 pixels (of a
-# 14-px tile, 4 x 4); on Fashion-MNIST crops of 0.5-1 trained the better student from the
-# distilled images at IPC 1, 2 and 10 (+0.96, +0.36, +0.42) and from random real ones too
-# (docs/results/quality.md, "The student's crops and soft-label temperature").
+# 14-px tile, 4 x 4); crops of 0.5-1 trained the better student from the distilled images on
+# Fashion-MNIST at IPC 1, 2, 3 and 10 (+0.96, +0.36, +0.34, about +0.4; three seeds each; level
+# at IPC 5, one seed) and on digits at IPC 1 and 10 (+0.37, +0.15), and from random real images
+# more (docs/results/quality.md, "The student's crops and soft-label temperature").
 SREL_STUDENT_MIN_SCALE = 0.08
 SREL_STUDENT_MIN_SCALE_SMALL = 0.5
 SREL_STUDENT_MIN_SCALE_RULE = (f"{SREL_STUDENT_MIN_SCALE_SMALL} for synthetic images under {SREL_LARGE_IMAGE} px, "
