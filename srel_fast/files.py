@@ -38,21 +38,26 @@ def _tmp_prefix(path: str) -> str:
     return "." + os.path.basename(path) + "."
 
 
+def _host() -> str:
+    return platform.node() or "host"
+
+
 def _writer_tag() -> str:
     """'HOST.PID.': who writes a temporary file, so that a writer removes only the temporaries
     of writers that died (several processes may write the same record: recovery's ranks)."""
-    return f"{platform.node() or 'host'}.{os.getpid()}."
+    return f"{_host()}.{os.getpid()}."
 
 
 def _left_by_a_dead_writer(tmp_name: str, prefix: str) -> bool:
-    """Whether a temporary file of atomic_path (named PREFIX HOST.PID.XXXX.tmp) was left by a
-    writer that no longer runs: one of this host whose process is gone, or one without a tag
-    (written before tags). Another host's, or a live process's, may still be in flight."""
+    """Whether a temporary file of atomic_path (its name: the prefix, 'HOST.PID.', mkstemp's random
+    letters, '.tmp') was left by a writer that no longer runs: one of this host whose process is
+    gone, or one without a tag (written before tags). Another host's, or a live process's, may
+    still be in flight."""
     parts = tmp_name[len(prefix):-len(".tmp")].rsplit(".", 2)
     if len(parts) != 3 or not parts[1].isdigit():
         return True
     host, pid = parts[0], int(parts[1])
-    if host != (platform.node() or "host"):
+    if host != _host():
         return False
     try:
         os.kill(pid, 0)
