@@ -225,6 +225,8 @@ def validate(cfg: RecoverConfig) -> None:
         raise UserError(f"--ipc must be a positive number of images per class, got {cfg.ipc}.")
     if cfg.iterations <= 0:
         raise UserError(f"--iterations must be positive, got {cfg.iterations}.")
+    if not (math.isfinite(cfg.lr) and cfg.lr >= 0):   # 0 stores the start images unchanged (a control)
+        raise UserError(f"--lr must be a finite number >= 0, got {cfg.lr}.")
     if cfg.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {cfg.batch_size}.")
     end = cfg.ipc if cfg.ipc_end is None else cfg.ipc_end

@@ -169,7 +169,8 @@ def test_recover_skip_nonfinite_goes_on(digits_teacher, tmp_path):
 
 
 @pytest.mark.parametrize("kw,msg", [({"ipc": 0}, "--ipc must be a positive"), ({"iterations": 0}, "--iterations"),
-                                    ({"crop_mode": "tile"}, "--crop-mode"), ({"ipc_start": 2}, "--ipc-start")])
+                                    ({"crop_mode": "tile"}, "--crop-mode"), ({"ipc_start": 2}, "--ipc-start"),
+                                    ({"lr": -0.1}, "--lr must be"), ({"lr": float("nan")}, "--lr must be")])
 def test_recover_bad_ranges(digits_teacher, tmp_path, kw, msg):
     with pytest.raises(UserError, match=msg):
         recover(digits_teacher[0], tmp_path / "bad", **kw)
