@@ -99,9 +99,11 @@ SREL_SMALL_DATA_ONE_WHOLE_ITERATIONS = 1000
 # real images; at IPC 3 one of tiles beside two whole ones gained 0.92 over three whole ones (five
 # seeds, every seed ahead); at IPC 4 it was not clearly ahead (+0.17, six seeds, four ahead, at
 # three times the cost); at IPC 5 one of tiles beside four whole ones was 0.24 behind five whole ones
-# (three seeds), at IPC 10 one beside nine 1.14 behind (one seed). So SREL_SMALL_DATA_TILED_IMAGES
-# stored images per class hold tiles, the others are whole, at IPC up to SREL_SMALL_DATA_TILES_MAX_IPC
-# (docs/results/quality.md).
+# (three seeds; with the student's crops of 0.5-1, 0.27 ahead over five seeds, four ahead: not clear
+# either), at IPC 10 one beside nine 1.14 behind (one seed). The gain is the recovery's: the same
+# formation of real images left at its start trains worse students than random real images (IPC 1-3).
+# So SREL_SMALL_DATA_TILED_IMAGES stored images per class hold tiles, the others are whole, at IPC up
+# to SREL_SMALL_DATA_TILES_MAX_IPC (docs/results/quality.md).
 SREL_SMALL_DATA_TILES_MIN_SIZE = 28
 SREL_SMALL_DATA_TILES_MAX_IPC = 3
 SREL_SMALL_DATA_TILED_IMAGES = 1
